@@ -1,0 +1,5 @@
+import sys
+
+from kloset_blocks.cli import main
+
+sys.exit(main())

@@ -1,0 +1,44 @@
+# The `kloset-blocks` command: argparse dispatch only. Each command lives in a module of
+# kloset_blocks.commands that exposes `register(subparsers)`; its handler takes the parsed
+# arguments and returns an exit code. KlosetError becomes one line on stderr and exit 1;
+# Ctrl-C exits 130. No traceback reaches the user for an error they can act on.
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from kloset_blocks import __version__
+from kloset_blocks.errors import KlosetError
+
+COMMAND_MODULES = ["kloset_blocks.commands.store"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kloset-blocks",
+        description="Serve Kloset snapshots as block devices and run PostgreSQL on them, nothing restored.",
+    )
+    parser.add_argument("--version", action="version", version=f"kloset-blocks {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.handler(args) or 0)
+    except KlosetError as e:
+        print(f"kloset-blocks: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("kloset-blocks: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

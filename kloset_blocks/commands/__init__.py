@@ -1,0 +1,1 @@
+"""Subcommands of `kloset-blocks`; each module exposes register(subparsers)."""

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Install everything kloset-blocks needs on a Debian 12 machine, idempotently.
+# Debian packages: only the missing ones are installed (apt-get update runs only then).
+# Python: a virtualenv in .venv made from Debian's /usr/bin/python3, the interpreter that
+# nbdkit's Python plugin embeds, with --system-site-packages so that Debian's python3-libnbd
+# and python3-pyfuse3 are importable from it. The same site-packages go on nbdkit's PYTHONPATH.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(
+  nbdkit nbdkit-plugin-python libnbd-bin python3-libnbd
+  qemu-utils qemu-system-common fuse3 python3-pyfuse3
+  e2fsprogs postgresql postgresql-contrib
+  python3-venv python3-pip util-linux kmod
+)
+
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  [ "$(id -u)" = 0 ] || { echo "deps: need root to install: ${missing[*]}" >&2; exit 1; }
+  echo "deps: installing ${missing[*]}" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
+  # Debian starts a default cluster on install; tests run their own clusters.
+  systemctl disable --now postgresql >/dev/null 2>&1 || true
+fi
+
+VENV=.venv
+STAMP="$VENV/.deps-$(sha256sum pyproject.toml | cut -c1-16)"
+if [ ! -e "$STAMP" ]; then
+  [ -x "$VENV/bin/python" ] || /usr/bin/python3 -m venv --system-site-packages "$VENV"
+  "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null
+  "$VENV/bin/python" -m pip install -q -e '.[test]'
+  rm -f "$VENV"/.deps-*
+  touch "$STAMP"
+fi
