@@ -1,0 +1,102 @@
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+
+import pytest
+
+from kloset_blocks.chunks import ChunkCache
+from kloset_blocks.errors import CorruptionError
+
+
+class CountingSource:
+    """Chunks derived from their MAC; counts fetches per MAC and can fail or be slow on purpose."""
+
+    def __init__(self, size: int = 1000, delay: float = 0.0, bad: frozenset[bytes] = frozenset()) -> None:
+        self.size = size
+        self.delay = delay
+        self.bad = bad
+        self.calls: dict[bytes, int] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, mac: bytes) -> bytes:
+        with self._lock:
+            self.calls[mac] = self.calls.get(mac, 0) + 1
+        time.sleep(self.delay)
+        if mac in self.bad:
+            raise CorruptionError(f"blob {mac.hex()} fails its MAC")
+        return hashlib.sha256(mac).digest() * (self.size // 32)
+
+
+def mac(i: int) -> bytes:
+    return i.to_bytes(32, "big")
+
+
+def test_hit_after_miss_returns_same_bytes_and_fetches_once() -> None:
+    source = CountingSource()
+    cache = ChunkCache(source, max_bytes=1 << 20)
+    first = cache.get(mac(1))
+    assert cache.get(mac(1)) == first == source(mac(1))
+    assert source.calls[mac(1)] == 2  # once by the cache, once by the assertion above
+    assert (cache.stats.hits, cache.stats.misses) == (1, 1)
+
+
+def test_concurrent_misses_share_one_fetch() -> None:
+    source = CountingSource(delay=0.2)
+    cache = ChunkCache(source)
+    results: list[bytes] = []
+    threads = [threading.Thread(target=lambda: results.append(cache.get(mac(7)))) for _ in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert source.calls[mac(7)] == 1
+    assert len(set(results)) == 1 and len(results) == 16
+    assert cache.stats.shared_waits == 15
+
+
+def test_lru_is_bounded_in_bytes() -> None:
+    source = CountingSource(size=1024)
+    cache = ChunkCache(source, max_bytes=10 * 1024)
+    for i in range(50):
+        cache.get(mac(i))
+    assert cache._lru.currsize <= 10 * 1024
+    cache.get(mac(49))  # most recent: still cached
+    assert source.calls[mac(49)] == 1
+    cache.get(mac(0))  # evicted long ago: fetched again
+    assert source.calls[mac(0)] == 2
+
+
+def test_errors_reach_every_waiter_and_are_not_cached() -> None:
+    source = CountingSource(delay=0.1, bad=frozenset({mac(3)}))
+    cache = ChunkCache(source)
+    errors: list[BaseException] = []
+
+    def reader() -> None:
+        try:
+            cache.get(mac(3))
+        except CorruptionError as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=reader) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(errors) == 4
+    with pytest.raises(CorruptionError):
+        cache.get(mac(3))
+    assert source.calls[mac(3)] == 2  # the failure was not cached
+    assert cache.get(mac(4)) == source(mac(4))  # other chunks unaffected
+
+
+def test_prefetch_fills_the_cache_in_background_and_get_joins_it() -> None:
+    source = CountingSource(delay=0.1)
+    cache = ChunkCache(source, prefetch_workers=2)
+    cache.prefetch([mac(i) for i in range(4)])
+    for i in range(4):
+        assert cache.get(mac(i)) == source(mac(i))
+    assert all(source.calls[mac(i)] == 2 for i in range(4))  # one prefetch + one by the assertion
+    assert cache.stats.prefetched == 4 and cache.stats.misses == 0
+    cache.shutdown()
