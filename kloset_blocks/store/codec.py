@@ -1,0 +1,399 @@
+# Byte-level codecs shared by the Kloset reader and the fixture writer: the storage wrapper
+# (magic, type, version, MAC trailer), the store MAC (§3.2), key derivation and canary (§3.3),
+# blob encoding = encrypt(compress(x)) (§4) and msgpack conventions (§14.2).
+#
+# Invariants:
+# - Both directions live here so that writer and reader cannot drift apart.
+# - Decoding never returns unchecked garbage silently: a failed decrypt (tag, key unwrap) or a
+#   malformed compressed stream raises CorruptionError naming `what`.
+# - Everything is pure and thread-safe: no state is mutated after Codec.__init__, and the
+#   primitives (cryptography, lz4, zlib, blake3) release the GIL for the heavy work.
+# - msgpack: timestamp=0 (msgpack.Timestamp, robust outside years 1..9999), strings are Go byte
+#   strings decoded with surrogateescape so any name round-trips to the same bytes.
+from __future__ import annotations
+
+import gzip
+import hashlib
+import hmac
+import os
+import struct
+from collections.abc import Callable
+from typing import Any
+
+import blake3
+import lz4.frame
+import msgpack
+import zstandard
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import keywrap
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, AESGCMSIV
+
+from kloset_blocks.errors import CorruptionError, PassphraseError, StoreError
+
+RT_CONFIG = 1
+RT_LOCK = 2
+RT_STATE = 3
+RT_PACKFILE = 4
+RT_SNAPSHOT = 5
+RT_SIGNATURE = 6
+RT_OBJECT = 7
+RT_CHUNK = 9
+RT_VFS_BTREE = 10
+RT_VFS_NODE = 11
+RT_VFS_ENTRY = 12
+RT_ERROR_BTREE = 13
+RT_ERROR_NODE = 14
+RT_ERROR_ENTRY = 15
+RT_XATTR_BTREE = 16
+RT_XATTR_NODE = 17
+RT_XATTR_ENTRY = 18
+RT_BTREE_ROOT = 19
+RT_BTREE_NODE = 20
+RT_VFS_SUMMARY = 21
+RT_RANDOM = 255
+
+RT_NAMES = {
+    RT_CONFIG: "config",
+    RT_LOCK: "lock",
+    RT_STATE: "state",
+    RT_PACKFILE: "packfile",
+    RT_SNAPSHOT: "snapshot",
+    RT_SIGNATURE: "signature",
+    RT_OBJECT: "object",
+    RT_CHUNK: "chunk",
+    RT_VFS_BTREE: "vfs btree",
+    RT_VFS_NODE: "vfs node",
+    RT_VFS_ENTRY: "vfs entry",
+    RT_ERROR_BTREE: "error btree",
+    RT_ERROR_NODE: "error node",
+    RT_ERROR_ENTRY: "error entry",
+    RT_XATTR_BTREE: "xattr btree",
+    RT_XATTR_NODE: "xattr node",
+    RT_XATTR_ENTRY: "xattr entry",
+    RT_BTREE_ROOT: "btree root",
+    RT_BTREE_NODE: "btree node",
+    RT_VFS_SUMMARY: "vfs summary",
+    RT_RANDOM: "random",
+}
+
+# Blob ids that are MAC(plaintext) (§3.2); snapshot/signature/random ids are random values.
+CONTENT_ADDRESSED = frozenset(
+    {
+        RT_OBJECT,
+        RT_CHUNK,
+        RT_VFS_BTREE,
+        RT_VFS_NODE,
+        RT_VFS_ENTRY,
+        RT_ERROR_BTREE,
+        RT_ERROR_NODE,
+        RT_ERROR_ENTRY,
+        RT_XATTR_BTREE,
+        RT_XATTR_NODE,
+        RT_XATTR_ENTRY,
+        RT_BTREE_ROOT,
+        RT_BTREE_NODE,
+        RT_VFS_SUMMARY,
+    }
+)
+
+MAGIC = b"_KLOSET_"
+LEGACY_MAGIC = b"_PLAKAR_"
+HEADER_SIZE = 16
+TRAILER_SIZE = 32
+MAC_SIZE = 32
+
+_HEADER = struct.Struct("<8sII")
+
+Mac = Callable[[bytes], bytes]
+
+
+def pack_version(major: int, minor: int, patch: int) -> int:
+    return (major << 16) | (minor << 8) | patch
+
+
+def version_str(version: int) -> str:
+    return f"{version >> 16}.{(version >> 8) & 0xFF}.{version & 0xFF}"
+
+
+def rt_name(rtype: int) -> str:
+    return RT_NAMES.get(rtype, f"type {rtype}")
+
+
+# ---------------------------------------------------------------- msgpack
+
+
+def unpack(data: bytes) -> Any:
+    """Decode one msgpack value the way every Kloset record is read (raises on malformed input)."""
+    return msgpack.unpackb(
+        data, raw=False, timestamp=0, strict_map_key=False, unicode_errors="surrogateescape"
+    )
+
+
+def pack(obj: Any) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True, unicode_errors="surrogateescape", datetime=False)
+
+
+def timestamp_ns(value: Any) -> int:
+    """Nanoseconds since the epoch of a msgpack ext -1 timestamp (None/missing -> 0)."""
+    if isinstance(value, msgpack.Timestamp):
+        return value.seconds * 1_000_000_000 + value.nanoseconds
+    if value is None:
+        return 0
+    if isinstance(value, int):
+        return value
+    raise ValueError(f"not a timestamp: {value!r}")
+
+
+# ---------------------------------------------------------------- storage wrapper (§2)
+
+
+def wrap(rtype: int, version: int, payload: bytes, mac: Mac) -> bytes:
+    body = _HEADER.pack(MAGIC, rtype, version) + payload
+    return body + mac(body)
+
+
+def unwrap(data: bytes, rtype: int, mac: Mac | None, what: str) -> tuple[int, bytes]:
+    """Check magic, type and (when `mac` is given) the trailer; return (version, payload)."""
+    if len(data) < HEADER_SIZE + TRAILER_SIZE:
+        raise CorruptionError(f"{what}: not a kloset object (only {len(data)} bytes)")
+    magic, found, version = _HEADER.unpack_from(data)
+    if magic not in (MAGIC, LEGACY_MAGIC):
+        raise CorruptionError(f"{what}: not a kloset object (bad magic {magic!r})")
+    if found != rtype:
+        raise CorruptionError(f"{what}: resource type is {rt_name(found)}, expected {rt_name(rtype)}")
+    if mac is not None and not hmac.compare_digest(mac(data[:-TRAILER_SIZE]), data[-TRAILER_SIZE:]):
+        raise CorruptionError(f"{what}: MAC mismatch (file damaged or wrong key)")
+    return version, data[HEADER_SIZE:-TRAILER_SIZE]
+
+
+# ---------------------------------------------------------------- keys and MACs (§3)
+
+
+def derive_key(passphrase: bytes, kdf_params: dict) -> bytes:
+    kdf = kdf_params.get("KDF")
+    salt = kdf_params.get("Salt") or b""
+    if kdf == "ARGON2ID":
+        from argon2.low_level import Type, hash_secret_raw
+
+        p = kdf_params.get("argon2id") or {}
+        return hash_secret_raw(
+            passphrase,
+            salt,
+            time_cost=int(p.get("Time", 4)),
+            memory_cost=int(p.get("Memory", 262144)),
+            parallelism=int(p.get("Threads", 1)),
+            hash_len=int(p.get("KeyLen", 32)),
+            type=Type.ID,
+            version=19,
+        )
+    if kdf == "SCRYPT":
+        p = kdf_params.get("scrypt") or {}
+        n, r, par = int(p.get("N", 32768)), int(p.get("R", 8)), int(p.get("P", 1))
+        return hashlib.scrypt(
+            passphrase, salt=salt, n=n, r=r, p=par, maxmem=256 * r * n * par, dklen=int(p.get("KeyLen", 32))
+        )
+    if kdf == "PBKDF2":
+        p = kdf_params.get("pbkdf2") or {}
+        algo = str(p.get("Hashing", "SHA256")).lower().replace("-", "")
+        if algo not in ("sha256", "sha512", "sha1"):
+            raise StoreError(f"unsupported PBKDF2 hashing {p.get('Hashing')!r}")
+        return hashlib.pbkdf2_hmac(
+            algo, passphrase, salt, int(p.get("Iterations", 100000)), int(p.get("KeyLen", 32))
+        )
+    raise StoreError(f"unsupported key derivation function {kdf!r} (supported: ARGON2ID, SCRYPT, PBKDF2)")
+
+
+def config_mac(key: bytes | None) -> Mac:
+    """The CONFIG trailer MAC: always BLAKE3, keyed with the master key when encrypted (§2)."""
+    if key is None:
+        return lambda data: blake3.blake3(data).digest()
+    return lambda data: blake3.blake3(data, key=key).digest()
+
+
+def _hasher(algorithm: str) -> tuple[Callable[[bytes], bytes], Callable[[bytes, bytes], bytes]]:
+    """(plain hash, keyed MAC) for a Hashing.Algorithm."""
+    if algorithm == "BLAKE3":
+        return (lambda d: blake3.blake3(d).digest()), (lambda k, d: blake3.blake3(d, key=k).digest())
+    if algorithm == "SHA256":
+        return (lambda d: hashlib.sha256(d).digest()), (lambda k, d: hmac.digest(k, d, "sha256"))
+    raise StoreError(f"unsupported hashing algorithm {algorithm!r} (supported: BLAKE3, SHA256)")
+
+
+# ---------------------------------------------------------------- encryption (§4.2)
+
+_SUBKEY_PREFIX = {"AES256-KW": 40, "AES256-GCM": 60}
+
+
+def _encrypt(master: bytes, plain: bytes, subkey_algorithm: str, segment: int) -> bytes:
+    subkey = os.urandom(32)
+    if subkey_algorithm == "AES256-KW":
+        out = [keywrap.aes_key_wrap(master, subkey)]
+    else:
+        nonce = os.urandom(12)
+        out = [nonce + AESGCM(master).encrypt(nonce, subkey, None)]
+    aead = AESGCMSIV(subkey)
+    view = memoryview(plain)
+    for start in range(0, len(plain), segment):
+        nonce = os.urandom(12)
+        out.append(nonce + aead.encrypt(nonce, bytes(view[start : start + segment]), None))
+    return b"".join(out)
+
+
+def _decrypt(master: bytes, blob: bytes, subkey_algorithm: str, segment: int) -> bytes:
+    """Raises InvalidTag / InvalidUnwrap / ValueError on a wrong key or damaged bytes."""
+    prefix = _SUBKEY_PREFIX[subkey_algorithm]
+    if len(blob) < prefix:
+        raise ValueError(f"encrypted blob too short ({len(blob)} bytes)")
+    if subkey_algorithm == "AES256-KW":
+        subkey = keywrap.aes_key_unwrap(master, blob[:40])
+    else:
+        subkey = AESGCM(master).decrypt(blob[:12], blob[12:60], None)
+    aead = AESGCMSIV(subkey)
+    step = segment + 28
+    view = memoryview(blob)
+    out = []
+    for start in range(prefix, len(blob), step):
+        piece = view[start : start + step]
+        if len(piece) < 28:
+            raise ValueError("truncated encrypted segment")
+        out.append(aead.decrypt(bytes(piece[:12]), bytes(piece[12:]), None))
+    return out[0] if len(out) == 1 else b"".join(out)
+
+
+def make_canary(key: bytes, subkey_algorithm: str = "AES256-KW", segment: int = 65536) -> bytes:
+    return _encrypt(key, os.urandom(32), subkey_algorithm, segment)
+
+
+def verify_canary(
+    key: bytes, canary: bytes, subkey_algorithm: str = "AES256-KW", segment: int = 65536
+) -> bool:
+    try:
+        _decrypt(key, canary, subkey_algorithm, segment)
+    except (InvalidTag, keywrap.InvalidUnwrap, ValueError):
+        return False
+    return True
+
+
+# ---------------------------------------------------------------- compression (§4.1)
+
+
+def _lz4_compress(data: bytes) -> bytes:
+    # As pierrec/lz4 NewWriter defaults: 4 MiB independent blocks, content checksum, no size.
+    return lz4.frame.compress(
+        data,
+        block_size=lz4.frame.BLOCKSIZE_MAX4MB,
+        block_linked=False,
+        content_checksum=True,
+        store_size=False,
+    )
+
+
+def _zstd_compress(data: bytes) -> bytes:
+    # klauspost's streaming encoder writes nothing for empty input.
+    return zstandard.ZstdCompressor().compress(data) if data else b""
+
+
+def _zstd_decompress(data: bytes) -> bytes:
+    if not data:
+        return b""
+    obj = zstandard.ZstdDecompressor().decompressobj()
+    out = obj.decompress(data)
+    if not obj.eof:
+        raise ValueError("truncated zstd stream")
+    return out
+
+
+def _gzip_decompress(data: bytes) -> bytes:
+    # One gzip member, fully consumed; gzip.decompress checks CRC32 and ISIZE.
+    return gzip.decompress(data)
+
+
+_COMPRESSORS: dict[str, tuple[Callable[[bytes], bytes], Callable[[bytes], bytes]]] = {
+    "LZ4": (_lz4_compress, lz4.frame.decompress),
+    "GZIP": (lambda d: gzip.compress(d, compresslevel=6, mtime=0), _gzip_decompress),
+    "ZSTD": (_zstd_compress, _zstd_decompress),
+}
+
+
+def _identity(data: bytes) -> bytes:
+    return data
+
+
+# ---------------------------------------------------------------- the store codec
+
+
+class Codec:
+    """MAC, compression and encryption of one store, from its decoded CONFIG map."""
+
+    def __init__(self, config: dict, key: bytes | None) -> None:
+        hashing = (config.get("Hashing") or {}).get("Algorithm", "BLAKE3")
+        plain_hash, keyed = _hasher(hashing)
+        self.hashing = hashing
+        encryption = config.get("Encryption")
+        self.encrypted = encryption is not None
+        if self.encrypted:
+            if key is None:
+                raise PassphraseError("store is encrypted: a passphrase is needed")
+            data_algo = encryption.get("DataAlgorithm")
+            if data_algo != "AES256-GCM-SIV":
+                raise StoreError(f"unsupported data encryption {data_algo!r} (supported: AES256-GCM-SIV)")
+            self.subkey_algorithm = encryption.get("SubKeyAlgorithm") or "AES256-KW"
+            if self.subkey_algorithm not in _SUBKEY_PREFIX:
+                raise StoreError(
+                    f"unsupported subkey algorithm {self.subkey_algorithm!r}"
+                    " (supported: AES256-KW, AES256-GCM)"
+                )
+            self.segment = int(encryption.get("ChunkSize") or 65536)
+            self.key: bytes | None = key
+            secret = key
+        else:
+            self.key = None
+            secret = plain_hash(bytes(config.get("RepositoryID") or b""))
+        self._secret = secret
+        self._keyed = keyed
+        compression = config.get("Compression")
+        if compression is None:
+            self.compression = None
+            self._compress, self._decompress = _identity, _identity
+        else:
+            algo = compression.get("Algorithm")
+            if algo not in _COMPRESSORS:
+                raise StoreError(f"unsupported compression {algo!r} (supported: LZ4, GZIP, ZSTD, none)")
+            self.compression = algo
+            self._compress, self._decompress = _COMPRESSORS[algo]
+
+    def mac(self, data: bytes) -> bytes:
+        return self._keyed(self._secret, data)
+
+    def compress(self, data: bytes) -> bytes:
+        return self._compress(data)
+
+    def decompress(self, data: bytes, what: str = "blob") -> bytes:
+        try:
+            return self._decompress(data)
+        except Exception as e:  # each library has its own error classes
+            raise CorruptionError(f"{what}: cannot decompress {self.compression}: {_short(e)}") from None
+
+    def encrypt(self, data: bytes) -> bytes:
+        if not self.encrypted:
+            return data
+        return _encrypt(self.key, data, self.subkey_algorithm, self.segment)  # type: ignore[arg-type]
+
+    def decrypt(self, data: bytes, what: str = "blob") -> bytes:
+        if not self.encrypted:
+            return data
+        try:
+            return _decrypt(self.key, data, self.subkey_algorithm, self.segment)  # type: ignore[arg-type]
+        except (InvalidTag, keywrap.InvalidUnwrap, ValueError) as e:
+            raise CorruptionError(f"{what}: cannot decrypt: {_short(e) or 'authentication failed'}") from None
+
+    def encode(self, plain: bytes) -> bytes:
+        return self.encrypt(self.compress(plain))
+
+    def decode(self, blob: bytes, what: str = "blob") -> bytes:
+        return self.decompress(self.decrypt(blob, what), what)
+
+
+def _short(e: BaseException) -> str:
+    text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return text[:200]
