@@ -1,0 +1,68 @@
+# Reading CONFIG and unlocking the store, in plakar's order (§3.3): parse the wrapper without
+# its MAC, refuse any CONFIG version but 1.0.0, derive the key (once: Argon2id is ~1 s and
+# 256 MiB) and check the canary, then check the CONFIG trailer (BLAKE3, keyed with the master
+# key when encrypted, unkeyed otherwise) before trusting any field.
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from kloset_blocks.errors import CorruptionError, PassphraseError, StoreError, UnsupportedVersion
+from kloset_blocks.store import codec as c
+from kloset_blocks.store.passphrase import resolve_passphrase
+
+CONFIG_VERSION = c.pack_version(1, 0, 0)
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    version: int
+    config: dict[str, Any]
+    key: bytes | None
+    codec: c.Codec
+
+
+def read_config_file(root: str, display: str) -> bytes:
+    if not os.path.isdir(root):
+        raise StoreError(f"store not found: {display} (no such directory)")
+    path = os.path.join(root, "CONFIG")
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise StoreError(f"not a kloset store: {display} (no CONFIG file)") from None
+    except OSError as e:
+        raise StoreError(f"cannot read {path}: {e.strerror}") from None
+
+
+def load_config(root: str, display: str, passphrase: str | None) -> StoreConfig:
+    raw = read_config_file(root, display)
+    path = os.path.join(root, "CONFIG")
+    version, payload = c.unwrap(raw, c.RT_CONFIG, None, path)
+    if version != CONFIG_VERSION:
+        raise UnsupportedVersion(
+            f"unsupported store version {c.version_str(version)} (this reader supports 1.0.0): {display}"
+        )
+    try:
+        config = c.unpack(payload)
+    except Exception:
+        raise CorruptionError(f"{path}: cannot decode the configuration (damaged file)") from None
+    if not isinstance(config, dict):
+        raise CorruptionError(f"{path}: configuration is not a map (damaged file)")
+    key = None
+    encryption = config.get("Encryption")
+    if encryption is not None:
+        if not isinstance(encryption, dict) or not isinstance(encryption.get("KDFParams"), dict):
+            raise CorruptionError(f"{path}: bad Encryption section (damaged file)")
+        secret = resolve_passphrase(passphrase, display)
+        key = c.derive_key(secret, encryption["KDFParams"])
+        subkey = encryption.get("SubKeyAlgorithm") or "AES256-KW"
+        if not c.verify_canary(key, bytes(encryption.get("Canary") or b""), subkey):
+            raise PassphraseError(f"wrong passphrase for store {display}")
+    c.unwrap(raw, c.RT_CONFIG, c.config_mac(key), path)
+    try:
+        codec = c.Codec(config, key)
+    except (AttributeError, TypeError, ValueError):
+        raise CorruptionError(f"{path}: malformed configuration") from None
+    return StoreConfig(version, config, key, codec)

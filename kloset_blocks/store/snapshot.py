@@ -1,0 +1,436 @@
+# Snapshots: header -> VFS B+tree -> entries -> objects -> chunks (§8, §10, §11), and their
+# conversion to the planner's Node interface (kloset_blocks.tree).
+#
+# Invariants:
+# - Paths are bytes, absolute, cleaned; tree keys are the names (file_info.name is "." for a
+#   tar `./` member, §17.1).
+# - Entry.st_mode is what a filesystem should show: Go fs.FileMode mapped per §10.7 keeping the
+#   low 0o7777 bits (tar's setuid/setgid/sticky live there, §17.5) and a regular file with a
+#   symlink_target presented as a symlink (§17.3).
+# - walk() reads the whole VFS tree level by level and fetches entries in coalesced batches:
+#   one pread per run of neighbouring blobs, never one per path.
+# - SnapshotFile keeps only the chunk MACs and prefix sums (memory ~ chunks), loads its Object
+#   lazily on first read (nodes() over 1M files does no Object fetch), and reads only the chunks
+#   overlapping a range, through `snapshot.fetch_chunk` so that a cache can be plugged in.
+from __future__ import annotations
+
+import bisect
+import posixpath
+import stat
+import threading
+from array import array
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from kloset_blocks.errors import CorruptionError, KlosetError, NotFound
+from kloset_blocks.store import codec as c
+from kloset_blocks.store.btree import BTree, to_bytes
+from kloset_blocks.tree import Node
+
+if TYPE_CHECKING:
+    from kloset_blocks.store.store import Store
+
+# Go fs.FileMode flag bits (§10.7).
+GO_MODE_DIR = 1 << 31
+GO_MODE_SYMLINK = 1 << 27
+GO_MODE_DEVICE = 1 << 26
+GO_MODE_NAMED_PIPE = 1 << 25
+GO_MODE_SOCKET = 1 << 24
+GO_MODE_SETUID = 1 << 23
+GO_MODE_SETGID = 1 << 22
+GO_MODE_CHAR_DEVICE = 1 << 21
+GO_MODE_STICKY = 1 << 20
+
+ZERO_MAC = bytes(32)
+ENTRY_BATCH = 1024
+TAR_IMPORTERS = ("tar", "tar+gz", "tgz")
+
+
+def go_mode_to_st_mode(go_mode: int, symlink_target: bytes | None = None) -> int:
+    perm = go_mode & 0o7777
+    if go_mode & GO_MODE_SETUID:
+        perm |= stat.S_ISUID
+    if go_mode & GO_MODE_SETGID:
+        perm |= stat.S_ISGID
+    if go_mode & GO_MODE_STICKY:
+        perm |= stat.S_ISVTX
+    if go_mode & GO_MODE_DIR:
+        kind = stat.S_IFDIR
+    elif go_mode & GO_MODE_SYMLINK:
+        kind = stat.S_IFLNK
+    elif go_mode & GO_MODE_NAMED_PIPE:
+        kind = stat.S_IFIFO
+    elif go_mode & GO_MODE_SOCKET:
+        kind = stat.S_IFSOCK
+    elif go_mode & GO_MODE_DEVICE:
+        kind = stat.S_IFCHR if go_mode & GO_MODE_CHAR_DEVICE else stat.S_IFBLK
+    elif symlink_target:
+        kind = stat.S_IFLNK  # tar symlinks: regular files carrying a target (§17.3)
+    else:
+        kind = stat.S_IFREG
+    return kind | perm
+
+
+def clean_path(path: bytes | str) -> bytes:
+    """An absolute, cleaned snapshot path (Go path.Clean of "/" + path)."""
+    if isinstance(path, str):
+        path = path.encode("utf-8", "surrogateescape")
+    p = posixpath.normpath(b"/" + path)
+    return b"/" + p.lstrip(b"/")
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotInfo:
+    id: bytes
+    timestamp: datetime
+    name: str
+    size: int
+    importer_type: str
+    importer_origin: str
+    importer_directory: str
+    header: dict[str, Any] = field(repr=False, compare=False)
+
+    @property
+    def short_id(self) -> str:
+        return self.id[:4].hex()
+
+    @property
+    def hex_id(self) -> str:
+        return self.id.hex()
+
+    @classmethod
+    def from_header(cls, ident: bytes, h: Any) -> SnapshotInfo:
+        what = f"snapshot {ident.hex()}"
+        try:
+            sources = h.get("sources") or []
+            if not sources:
+                raise CorruptionError(f"{what}: header has no source")
+            src = sources[0]
+            imp = src.get("importer") or {}
+            summary = src.get("summary") or {}
+            size = sum(int((summary.get(k) or {}).get("size") or 0) for k in ("directory", "below"))
+            ts = c.timestamp_ns(h.get("timestamp"))
+            return cls(
+                id=ident,
+                timestamp=datetime.fromtimestamp(ts // 1_000_000_000, UTC).replace(
+                    microsecond=(ts % 1_000_000_000) // 1000
+                ),
+                name=str(h.get("name") or ""),
+                size=size,
+                importer_type=str(imp.get("type") or ""),
+                importer_origin=str(imp.get("origin") or ""),
+                importer_directory=str(imp.get("directory") or ""),
+                header=h,
+            )
+        except (AttributeError, TypeError, ValueError, OverflowError):
+            raise CorruptionError(f"{what}: malformed header") from None
+
+    @property
+    def vfs_root(self) -> bytes:
+        try:
+            return bytes(self.header["sources"][0]["root"]["root"])
+        except (KeyError, IndexError, TypeError):
+            raise CorruptionError(f"snapshot {self.hex_id}: header has no VFS root") from None
+
+
+@dataclass(slots=True)
+class Entry:
+    path: bytes
+    name: bytes
+    mac: bytes
+    go_mode: int
+    st_mode: int
+    size: int
+    uid: int
+    gid: int
+    mtime_ns: int
+    nlink: int
+    username: str
+    groupname: str
+    symlink_target: bytes | None
+    object: bytes | None
+    content_type: str
+    chunks: int | None
+
+    @property
+    def is_dir(self) -> bool:
+        return stat.S_ISDIR(self.st_mode)
+
+    @property
+    def is_reg(self) -> bool:
+        return stat.S_ISREG(self.st_mode)
+
+    @property
+    def is_symlink(self) -> bool:
+        return stat.S_ISLNK(self.st_mode)
+
+    @property
+    def perm(self) -> int:
+        return stat.S_IMODE(self.st_mode)
+
+    @classmethod
+    def decode(cls, path: bytes, mac: bytes, rec: Any) -> Entry:
+        try:
+            fi = rec["file_info"]
+            go_mode = int(fi.get("mode") or 0)
+            target = rec.get("symlink_target")
+            target_b = to_bytes(target) if target else None
+            obj = rec.get("object")
+            obj_b = bytes(obj) if obj and bytes(obj) != ZERO_MAC else None
+            chunks = rec.get("chunks")
+            return cls(
+                path=path,
+                name=posixpath.basename(path) or b"/",
+                mac=mac,
+                go_mode=go_mode,
+                st_mode=go_mode_to_st_mode(go_mode, target_b),
+                size=int(fi.get("size") or 0),
+                uid=int(fi.get("uid") or 0),
+                gid=int(fi.get("gid") or 0),
+                mtime_ns=c.timestamp_ns(fi.get("mod_time")),
+                nlink=int(fi.get("nlink") or 0),
+                username=str(fi.get("username") or ""),
+                groupname=str(fi.get("groupname") or ""),
+                symlink_target=target_b,
+                object=obj_b,
+                content_type=str(rec.get("content_type") or ""),
+                chunks=int(chunks) if chunks is not None else None,
+            )
+        except (KeyError, AttributeError, TypeError, ValueError):
+            raise CorruptionError(f"vfs entry {mac.hex()} ({path!r}): malformed") from None
+
+
+class SnapshotFile:
+    """FileData of one regular file: range reads over its chunk list."""
+
+    def __init__(self, snapshot: Snapshot, entry: Entry) -> None:
+        self.snapshot = snapshot
+        self.entry = entry
+        self.size = entry.size
+        self._macs: list[bytes] | None = None
+        self._offsets: array | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def path(self) -> bytes:
+        return self.entry.path
+
+    def _load(self) -> None:
+        with self._lock:
+            if self._macs is not None:
+                return
+            macs, offsets = self.snapshot.chunk_list(self.entry)
+            self._offsets = offsets
+            self._macs = macs
+
+    @property
+    def macs(self) -> list[bytes]:
+        if self._macs is None:
+            self._load()
+        return self._macs  # type: ignore[return-value]
+
+    @property
+    def offsets(self) -> array:
+        if self._macs is None:
+            self._load()
+        return self._offsets  # type: ignore[return-value]
+
+    def chunk_ranges(self, offset: int, length: int) -> Iterator[tuple[int, int, int]]:
+        """(chunk index, start within the chunk, byte count) covering [offset, offset+length)."""
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise ValueError(f"range {offset}+{length} outside file of {self.size} bytes")
+        if length == 0:
+            return
+        offsets = self.offsets
+        i = bisect.bisect_right(offsets, offset) - 1
+        end = offset + length
+        pos = offset
+        while pos < end:
+            cstart, cend = offsets[i], offsets[i + 1]
+            if cend > pos:
+                n = min(cend, end) - pos
+                yield i, pos - cstart, n
+                pos += n
+            i += 1
+
+    def chunk(self, index: int) -> bytes:
+        """The decoded chunk `index`, length-checked."""
+        data = self.snapshot.fetch_chunk(self.macs[index])
+        want = self.offsets[index + 1] - self.offsets[index]
+        if len(data) != want:
+            raise CorruptionError(
+                f"{self.path.decode(errors='replace')}: chunk {index} ({self.macs[index].hex()}) has"
+                f" {len(data)} bytes, object says {want}"
+            )
+        return data
+
+    def iter_read(self, offset: int = 0, length: int | None = None) -> Iterator[bytes]:
+        """The bytes of a range, one piece per chunk: for streaming without holding the range."""
+        if length is None:
+            length = self.size - offset
+        for i, start, n in self.chunk_ranges(offset, length):
+            data = self.chunk(i)
+            yield data if start == 0 and n == len(data) else data[start : start + n]
+
+    def read(self, offset: int, length: int) -> bytes:
+        pieces = list(self.iter_read(offset, length))
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+
+class Snapshot:
+    def __init__(self, store: Store, info: SnapshotInfo) -> None:
+        self.store = store
+        self.info = info
+        self.fetch_chunk: Callable[[bytes], bytes] = store.read_chunk
+        self.vfs = BTree(store, c.RT_VFS_BTREE, c.RT_VFS_NODE, info.vfs_root, f"snapshot {info.short_id} vfs")
+        self.is_tar = info.importer_type in TAR_IMPORTERS
+
+    def __repr__(self) -> str:
+        return f"<Snapshot {self.info.short_id}>"
+
+    # ------------------------------------------------------------ entries
+
+    def _entry(self, path: bytes, mac: Any) -> Entry:
+        mac = bytes(mac)
+        return Entry.decode(path, mac, self.store.read_record(c.RT_VFS_ENTRY, mac))
+
+    def lookup(self, path: bytes | str) -> Entry:
+        """The entry at `path`, not following symlinks."""
+        p = clean_path(path)
+        mac = self.vfs.find(p)
+        if mac is None:
+            raise NotFound(f"no such path in snapshot {self.info.short_id}: {p.decode(errors='replace')}")
+        return self._entry(p, mac)
+
+    def listdir(self, path: bytes | str) -> list[tuple[bytes, Entry]]:
+        """(name, entry) of each direct child of the directory `path`, in name order."""
+        entry = self.lookup(path)
+        if not entry.is_dir:
+            raise NotFound(
+                f"not a directory in snapshot {self.info.short_id}: {entry.path.decode(errors='replace')}"
+            )
+        prefix = entry.path if entry.path == b"/" else entry.path + b"/"
+        keys, macs = [], []
+        for k, v in self.vfs.scan_from(prefix):
+            if k == b"/":
+                continue
+            if not k.startswith(prefix) or b"/" in k[len(prefix) :]:
+                break
+            keys.append(k)
+            macs.append(bytes(v))
+        recs = self.store.read_records(c.RT_VFS_ENTRY, macs)
+        return [(k[len(prefix) :], Entry.decode(k, m, r)) for k, m, r in zip(keys, macs, recs, strict=True)]
+
+    def walk(self, root: bytes | str = b"/") -> Iterator[tuple[bytes, Entry]]:
+        """(path, entry) of `root` and everything below it, in PathCmp order (by depth, then bytes)."""
+        root = clean_path(root)
+        prefix = b"/" if root == b"/" else root + b"/"
+        batch: list[tuple[bytes, bytes]] = []
+        for leaf in self.vfs.leaves():
+            for k, v in zip(leaf.keys, leaf.values, strict=True):
+                if k == root or k.startswith(prefix):
+                    batch.append((k, bytes(v)))
+            if len(batch) >= ENTRY_BATCH:
+                yield from self._resolve(batch)
+                batch = []
+        yield from self._resolve(batch)
+
+    def _resolve(self, batch: list[tuple[bytes, bytes]]) -> Iterator[tuple[bytes, Entry]]:
+        recs = self.store.read_records(c.RT_VFS_ENTRY, [m for _, m in batch])
+        for (k, m), r in zip(batch, recs, strict=True):
+            yield k, Entry.decode(k, m, r)
+
+    # ------------------------------------------------------------ files
+
+    def chunk_list(self, entry: Entry) -> tuple[list[bytes], array]:
+        """(chunk MACs, prefix sums with n+1 items) of a regular file, checked against its size."""
+        offsets = array("Q", [0])
+        macs: list[bytes] = []
+        if entry.object is None:
+            if entry.size:
+                raise CorruptionError(
+                    f"{entry.path.decode(errors='replace')}: {entry.size} bytes but no object"
+                )
+            return macs, offsets
+        rec = self.store.read_record(c.RT_OBJECT, entry.object)
+        try:
+            total = 0
+            for ch in rec.get("chunks") or ():
+                macs.append(bytes(ch["contentMAC"]))
+                total += int(ch.get("length") or 0)
+                offsets.append(total)
+        except (KeyError, AttributeError, TypeError, ValueError, OverflowError):
+            raise CorruptionError(f"object {entry.object.hex()}: malformed chunk list") from None
+        if total != entry.size:
+            raise CorruptionError(
+                f"{entry.path.decode(errors='replace')}: object {entry.object.hex()} holds {total} bytes,"
+                f" entry says {entry.size}"
+            )
+        return macs, offsets
+
+    def open_file(self, path: bytes | str) -> SnapshotFile:
+        entry = self.lookup(path)
+        if not entry.is_reg:
+            raise NotFound(
+                f"not a regular file in snapshot {self.info.short_id}: {entry.path.decode(errors='replace')}"
+            )
+        return SnapshotFile(self, entry)
+
+    # ------------------------------------------------------------ planner view
+
+    def node_of(self, entry: Entry) -> Node:
+        node = Node(
+            path=entry.path,
+            mode=entry.st_mode,
+            uid=entry.uid,
+            gid=entry.gid,
+            mtime_ns=entry.mtime_ns,
+        )
+        if entry.is_reg:
+            node.size = entry.size
+            node.data = SnapshotFile(self, entry)
+        elif entry.is_symlink:
+            node.symlink_target = entry.symlink_target or b""
+            node.size = len(node.symlink_target)
+        return node
+
+    def hardlink_target(self, entry: Entry) -> Entry | None:
+        """For a tar hard link (stored as a ModeSymlink relative to the archive root, §17.4): the
+        entry of its target when that is a regular file of this snapshot, else None."""
+        if not (self.is_tar and entry.go_mode & GO_MODE_SYMLINK and entry.symlink_target):
+            return None
+        target = clean_path(entry.symlink_target)
+        if target == entry.path:
+            return None
+        try:
+            found = self.lookup(target)
+        except KlosetError:
+            return None
+        return found if found.is_reg else None
+
+    def nodes(self, root: bytes | str = b"/") -> Iterator[Node]:
+        """Every path at or below `root` as a tree.Node (full snapshot paths), in PathCmp order,
+        except tar hard links, which come last (their target may sort after them)."""
+        root = clean_path(root)
+        prefix = b"/" if root == b"/" else root + b"/"
+        links: list[Entry] = []
+        for _, entry in self.walk(root):
+            if self.is_tar and entry.go_mode & GO_MODE_SYMLINK:
+                links.append(entry)
+                continue
+            yield self.node_of(entry)
+        for entry in links:
+            node = self.node_of(entry)
+            target = self.hardlink_target(entry)
+            if target is not None:
+                node.symlink_target = None
+                node.mode = stat.S_IFREG | stat.S_IMODE(entry.st_mode)
+                if target.path.startswith(prefix):
+                    node.hardlink_to = target.path
+                    node.size = 0
+                else:  # the link's target is outside the subtree: present a copy of its content
+                    node.size = target.size
+                    node.data = SnapshotFile(self, target)
+            yield node

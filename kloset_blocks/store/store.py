@@ -1,0 +1,167 @@
+# A read-only Kloset store on the local filesystem: open_store() resolves the location, unlocks
+# CONFIG (one key derivation per Store), rebuilds the location index from every state, and then
+# serves blobs, snapshots and their files.
+#
+# Invariants:
+# - Never writes: every file is opened O_RDONLY, nothing is created in the store directory.
+# - Thread-safe (nbdkit PARALLEL): the index and codec are immutable after open; packfile reads
+#   are os.pread; the small caches (snapshot headers, B-tree nodes) are guarded by a lock.
+# - Every failure is a KlosetError subclass with a one-line message naming the file or blob.
+from __future__ import annotations
+
+import contextlib
+import resource
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from kloset_blocks.errors import AmbiguousSnapshot, CorruptionError, NotFound
+from kloset_blocks.store import codec as c
+from kloset_blocks.store.btree import BNode
+from kloset_blocks.store.config import StoreConfig, load_config
+from kloset_blocks.store.location import parse_location
+from kloset_blocks.store.packfile import Packfiles
+from kloset_blocks.store.snapshot import Snapshot, SnapshotInfo
+from kloset_blocks.store.state import Location, LocationIndex
+
+NODE_CACHE = 4096
+
+
+def _raise_fd_limit() -> None:
+    # Packfile fds stay open (one per packfile touched); allow as many as the hard limit does.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = 1 << 20 if hard == resource.RLIM_INFINITY else hard
+    if soft != resource.RLIM_INFINITY and soft < target:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
+def match_prefix(ids: Sequence[bytes], prefix: str) -> bytes:
+    """The one id whose hex starts with `prefix` (NotFound / AmbiguousSnapshot otherwise)."""
+    p = prefix.lower()
+    hits = [i for i in ids if i.hex().startswith(p)]
+    if not hits:
+        raise NotFound(f"no snapshot has prefix '{prefix}'")
+    if len(hits) > 1:
+        width = max(8, len(p) + 4)
+        shown = ", ".join(h.hex()[:width] for h in sorted(hits)[:5])
+        more = f" and {len(hits) - 5} more" if len(hits) > 5 else ""
+        raise AmbiguousSnapshot(f"snapshot prefix '{prefix}' is ambiguous: matches {shown}{more}")
+    return hits[0]
+
+
+class Store:
+    def __init__(self, location: str, root: str, cfg: StoreConfig) -> None:
+        self.location = location
+        self.root = root
+        self.version = cfg.version
+        self.config = cfg.config
+        self.codec = cfg.codec
+        self.encrypted = cfg.codec.encrypted
+        self.index = LocationIndex.build(root, cfg.codec)
+        self.packfiles = Packfiles(root, cfg.codec, self.index)
+        self._lock = threading.Lock()
+        self._infos: dict[bytes, SnapshotInfo] = {}
+        self._nodes: OrderedDict[tuple[int, bytes], BNode] = OrderedDict()
+
+    def __repr__(self) -> str:
+        return f"<Store {self.location}>"
+
+    def close(self) -> None:
+        self.packfiles.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------ blobs
+
+    def locate(self, rtype: int, mac: bytes) -> Location:
+        return self.packfiles.locate(rtype, mac)[0]
+
+    def read_encoded(self, rtype: int, mac: bytes) -> bytes:
+        """The blob as stored (encoded), for benchmarks and diagnostics."""
+        return self.packfiles.read_encoded(rtype, mac)[1]
+
+    def read_blob(self, rtype: int, mac: bytes) -> bytes:
+        """One blob, decoded; MAC-checked for content-addressed types."""
+        return self.packfiles.read(rtype, mac)
+
+    def read_blobs(self, rtype: int, macs: Sequence[bytes]) -> list[bytes]:
+        return self.packfiles.read_many(rtype, macs)
+
+    def read_chunk(self, mac: bytes) -> bytes:
+        return self.packfiles.read(c.RT_CHUNK, mac)
+
+    def read_record(self, rtype: int, mac: bytes) -> Any:
+        return self._unpack(rtype, mac, self.read_blob(rtype, mac))
+
+    def read_records(self, rtype: int, macs: Sequence[bytes]) -> list[Any]:
+        return [self._unpack(rtype, m, b) for m, b in zip(macs, self.read_blobs(rtype, macs), strict=True)]
+
+    def _unpack(self, rtype: int, mac: bytes, data: bytes) -> Any:
+        try:
+            rec = c.unpack(data)
+        except Exception:
+            loc = self.locate(rtype, mac)
+            raise CorruptionError(
+                f"packfile {self.packfiles.path(loc.packfile)}: {c.rt_name(rtype)} blob {mac.hex()}:"
+                " not valid msgpack"
+            ) from None
+        if not isinstance(rec, dict):
+            raise CorruptionError(f"{c.rt_name(rtype)} blob {mac.hex()}: not a map")
+        return rec
+
+    def cached_node(self, rtype: int, mac: bytes, load: Callable[[], BNode]) -> BNode:
+        key = (rtype, mac)
+        with self._lock:
+            node = self._nodes.get(key)
+            if node is not None:
+                self._nodes.move_to_end(key)
+                return node
+        node = load()
+        with self._lock:
+            self._nodes[key] = node
+            if len(self._nodes) > NODE_CACHE:
+                self._nodes.popitem(last=False)
+        return node
+
+    # ------------------------------------------------------------ snapshots
+
+    def _info(self, ident: bytes) -> SnapshotInfo:
+        with self._lock:
+            info = self._infos.get(ident)
+        if info is None:
+            info = SnapshotInfo.from_header(ident, self.read_record(c.RT_SNAPSHOT, ident))
+            with self._lock:
+                self._infos[ident] = info
+        return info
+
+    def snapshots(self) -> list[SnapshotInfo]:
+        """Live snapshots, oldest first (by header timestamp, then id)."""
+        return sorted((self._info(i) for i in self.index.snapshot_ids()), key=lambda s: (s.timestamp, s.id))
+
+    def find_snapshot(self, prefix: str = "") -> SnapshotInfo:
+        """By hex id prefix; "" or "latest" is the newest snapshot."""
+        if prefix in ("", "latest"):
+            infos = self.snapshots()
+            if not infos:
+                raise NotFound(f"store {self.location} has no snapshot")
+            return infos[-1]
+        return self._info(match_prefix(self.index.snapshot_ids(), prefix))
+
+    def open_snapshot(self, prefix: str = "") -> Snapshot:
+        return Snapshot(self, self.find_snapshot(prefix))
+
+
+def open_store(location: str, passphrase: str | None = None) -> Store:
+    """Open a Kloset store read-only. `passphrase`: None -> $PLAKAR_PASSPHRASE or a prompt on a
+    terminal; "-" -> prompt; "+FILE" -> read FILE; anything else is the passphrase itself."""
+    root = parse_location(location)
+    display = location if ":" in location else root
+    cfg = load_config(root, display, passphrase)
+    _raise_fd_limit()
+    return Store(display, root, cfg)
