@@ -11,7 +11,7 @@ import sys
 from kloset_blocks import __version__
 from kloset_blocks.errors import KlosetError
 
-COMMAND_MODULES = ["kloset_blocks.commands.store"]
+COMMAND_MODULES = ["kloset_blocks.commands.store", "kloset_blocks.commands.image"]
 
 
 def build_parser() -> argparse.ArgumentParser:
