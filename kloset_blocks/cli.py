@@ -11,7 +11,11 @@ import sys
 from kloset_blocks import __version__
 from kloset_blocks.errors import KlosetError
 
-COMMAND_MODULES = ["kloset_blocks.commands.store", "kloset_blocks.commands.image"]
+COMMAND_MODULES = [
+    "kloset_blocks.commands.store",
+    "kloset_blocks.commands.image",
+    "kloset_blocks.commands.writer",
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -176,7 +176,9 @@ def open_existing(root: Path, passphrase: bytes | None) -> tuple[dict, bytes | N
     encryption = config.get("Encryption")
     if encryption is not None:
         if passphrase is None:
-            raise PassphraseError(f"store {root} is encrypted: a passphrase is needed")
+            raise PassphraseError(
+                f"store {root} is encrypted: a passphrase is needed (PLAKAR_PASSPHRASE or --passphrase-file)"
+            )
         key = C.derive_key(passphrase, encryption["KDFParams"])
         if not C.verify_canary(key, encryption["Canary"], encryption.get("SubKeyAlgorithm") or "AES256-KW"):
             raise PassphraseError(f"wrong passphrase for store {root}")
