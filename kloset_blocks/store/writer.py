@@ -26,6 +26,7 @@ import random
 import shutil
 import socket
 import sys
+import tarfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -323,9 +324,11 @@ class _SnapshotBuilder:
         for item in items:
             node = _Node(item)
             if item.content is not None:
-                node.object, node.content_type, node.entropy, node.chunks, item.size = self.store_content(
-                    item.content
-                )
+                try:
+                    stored = self.store_content(item.content)
+                except (OSError, EOFError, tarfile.TarError) as e:  # a failing disk, a truncated tar
+                    raise KlosetError(f"cannot read {_s(item.path)} from the source: {e}") from None
+                node.object, node.content_type, node.entropy, node.chunks, item.size = stored
                 item.content = None
             nodes[item.path] = node  # a later tar member with the same path wins, as on extraction
         return nodes

@@ -126,8 +126,8 @@ def iter_tar(fileobj: BinaryIO) -> Iterator[Item]:
     """Members of a (possibly compressed) tar stream, read sequentially."""
     try:
         tar = tarfile.open(fileobj=fileobj, mode="r|*", encoding="utf-8", errors="surrogateescape")
-    except tarfile.TarError as e:
-        raise KlosetError(f"not a tar archive: {e}") from None
+    except (tarfile.TarError, OSError) as e:
+        raise KlosetError(f"cannot read the tar stream: {e}") from None
     with tar:
         try:
             for member in tar:
