@@ -15,6 +15,7 @@ COMMAND_MODULES = [
     "kloset_blocks.commands.store",
     "kloset_blocks.commands.image",
     "kloset_blocks.commands.writer",
+    "kloset_blocks.commands.run",
 ]
 
 
