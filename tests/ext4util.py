@@ -118,3 +118,53 @@ def flags_of(dumpe2fs_header: str, key: str) -> str:
 
 def os_path(b: bytes) -> bytes:
     return os.fsencode(b)
+
+
+def owner_of(nodes: list, path: bytes) -> bytes:
+    """The path whose node carries the inode of `path` (follows hardlink_to)."""
+    by_path = {n.path: n for n in nodes}
+    seen = 0
+    while by_path[path].hardlink_to is not None and by_path[path].hardlink_to in by_path and seen < 64:
+        path = by_path[path].hardlink_to
+        seen += 1
+    return path
+
+
+def compare_tree(nodes: list, mnt: Path, uid: int | None = None, gid: int | None = None) -> int:
+    """Every node against the mounted filesystem (os.lstat, readlink, file bytes); every mounted
+    path must be a node. Returns the number of paths checked."""
+    import stat as st_
+
+    by_path = {n.path: n for n in nodes}
+    base = os.fsencode(mnt)
+    found = set()
+    for dirpath, dirnames, filenames in os.walk(base):
+        for name in dirnames + filenames:
+            rel = os.path.join(dirpath, name)[len(base) :]
+            found.add(rel)
+    assert found == set(by_path) - {b"/"}, (sorted(found ^ (set(by_path) - {b"/"}))[:10],)
+    inode_of: dict[bytes, int] = {}
+    for path in by_path:
+        host = base + path if path != b"/" else base
+        s = os.lstat(host)
+        owner = by_path[owner_of(nodes, path)]
+        inode_of.setdefault(owner.path, s.st_ino)
+        assert inode_of[owner.path] == s.st_ino, path
+        assert s.st_mode == owner.mode, (path, oct(s.st_mode), oct(owner.mode))
+        assert s.st_uid == (uid if uid is not None else owner.uid), path
+        assert s.st_gid == (gid if gid is not None else owner.gid), path
+        assert s.st_mtime_ns == owner.mtime_ns, (path, s.st_mtime_ns, owner.mtime_ns)
+        kind = st_.S_IFMT(owner.mode)
+        if kind == st_.S_IFREG:
+            assert s.st_size == owner.size, path
+            if owner.size:
+                want = hashlib.sha256()
+                for off in range(0, owner.size, 1 << 22):
+                    want.update(owner.data.read(off, min(1 << 22, owner.size - off)))
+                assert file_sha256(host) == want.hexdigest(), path
+        elif kind == st_.S_IFLNK:
+            assert os.readlink(host) == owner.symlink_target, path
+        elif kind in (st_.S_IFCHR, st_.S_IFBLK):
+            assert s.st_rdev == owner.rdev, path
+    assert len(set(inode_of.values())) == len(inode_of)
+    return len(by_path)
