@@ -125,7 +125,8 @@ class _Empty:
 def iter_tar(fileobj: BinaryIO) -> Iterator[Item]:
     """Members of a (possibly compressed) tar stream, read sequentially."""
     try:
-        tar = tarfile.open(fileobj=fileobj, mode="r|*", encoding="utf-8", errors="surrogateescape")
+        # closed by the `with tar` below, which must come after the error translation
+        tar = tarfile.open(fileobj=fileobj, mode="r|*", encoding="utf-8", errors="surrogateescape")  # noqa: SIM115
     except (tarfile.TarError, OSError) as e:
         raise KlosetError(f"cannot read the tar stream: {e}") from None
     with tar:
