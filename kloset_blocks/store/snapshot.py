@@ -64,7 +64,7 @@ def go_mode_to_st_mode(go_mode: int, symlink_target: bytes | None = None) -> int
         kind = stat.S_IFIFO
     elif go_mode & GO_MODE_SOCKET:
         kind = stat.S_IFSOCK
-    elif go_mode & GO_MODE_DEVICE:
+    elif go_mode & (GO_MODE_DEVICE | GO_MODE_CHAR_DEVICE):
         kind = stat.S_IFCHR if go_mode & GO_MODE_CHAR_DEVICE else stat.S_IFBLK
     elif symlink_target:
         kind = stat.S_IFLNK  # tar symlinks: regular files carrying a target (§17.3)
