@@ -213,6 +213,8 @@ def test_generated_trees(nodes: list[Node], tmp_path: Path):
 
 
 MKE2FS_FEATURES = "^has_journal,^resize_inode,^metadata_csum,^dir_index,^ext_attr,sparse_super2,^orphan_file"
+MKE2FS = ["mke2fs", "-q", "-F", "-t", "ext4", "-b", "4096", "-I", "256", "-O", MKE2FS_FEATURES]
+MKE2FS += ["-E", "num_backup_sb=0,lazy_itable_init=0,root_owner=0:0"]
 
 
 def test_against_mke2fs(source: Path, tmp_path: Path):
@@ -221,8 +223,7 @@ def test_against_mke2fs(source: Path, tmp_path: Path):
     ours = write_image(layout, tmp_path / "ours.img")
     ref = tmp_path / "ref.img"
     subprocess.run(
-        ["mke2fs", "-q", "-F", "-t", "ext4", "-b", "4096", "-I", "256", "-O", MKE2FS_FEATURES]
-        + ["-E", "num_backup_sb=0,lazy_itable_init=0,root_owner=0:0", "-d", str(source), str(ref), "512M"],
+        [*MKE2FS, "-d", str(source), str(ref), "512M"],
         check=True,
         capture_output=True,
     )
