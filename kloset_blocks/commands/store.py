@@ -82,7 +82,8 @@ def _resolve(store: Store, target: str) -> tuple[Snapshot, bytes]:
 
 
 def _s(path: bytes) -> str:
-    return path.decode("utf-8", "replace")
+    # surrogateescape: _out() writes names back as their original bytes.
+    return path.decode("utf-8", "surrogateescape")
 
 
 def _out(line: str) -> None:
