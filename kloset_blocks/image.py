@@ -33,6 +33,7 @@ class BlockImage:
             raise UsageError(f"read of {length} bytes at {offset} is outside the image of {self.size} bytes")
 
     def pread(self, offset: int, length: int) -> bytes:
+        self._range(offset, length)
         buf = bytearray(length)
         self.readinto(buf, offset)
         return bytes(buf)
