@@ -106,6 +106,7 @@ def run(args: argparse.Namespace) -> int:
             kdf_time=args.kdf_time,
             kdf_memory_kib=max(8, args.kdf_memory // 1024),
             seed=args.seed,
+            all_buckets=True,
             **{k: v if v is not None else defaults[k] for k, v in chunking.items()},
         )
     print(snapshot_id)

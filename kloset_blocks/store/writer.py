@@ -151,11 +151,13 @@ def _new_config(
     return config, key
 
 
-def _create_layout(root: Path, config: dict, key: bytes | None) -> None:
-    """CONFIG plus the 256 bucket directories of packfiles/ and states/, as `plakar create`."""
+def _create_layout(root: Path, config: dict, key: bytes | None, all_buckets: bool) -> None:
+    """CONFIG, packfiles/ and states/; with all_buckets, their 256 bucket directories as
+    `plakar create` makes them (readers must not need them; otherwise made when first used)."""
     for kind in ("packfiles", "states"):
-        for i in range(256):
-            (root / kind / f"{i:02x}").mkdir(mode=0o700, parents=True)
+        (root / kind).mkdir(mode=0o700)
+        for i in range(256 if all_buckets else 0):
+            (root / kind / f"{i:02x}").mkdir(mode=0o700)
     raw = C.wrap(C.RT_CONFIG, CONFIG_VERSION, C.pack(config), C.config_mac(key))
     write_atomic(root / "CONFIG", raw, root)
 
@@ -344,7 +346,7 @@ def _parent(path: bytes) -> bytes:
 
 def _synthesize_parents(nodes: dict[bytes, _Node]) -> None:
     """Add every missing ancestor as Kloset does (§17.2); refuse a non-directory parent."""
-    for path in list(nodes):
+    for path in [*nodes, b"/."]:  # b"/." makes sure an empty source still has its root
         while path != b"/":
             path = _parent(path)
             node = nodes.get(path)
@@ -581,6 +583,7 @@ def write_store(
     kdf_threads: int = 1,
     seed: int | None = None,
     hostname: str | None = None,
+    all_buckets: bool = False,
 ) -> str:
     """Create a new store at `dest_dir` holding one snapshot of `source` (a directory, a tar
     file, "-" for a tar on stdin, or a binary file object with a tar stream). Returns the
@@ -607,7 +610,7 @@ def write_store(
     tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}-{random.getrandbits(32):08x}"
     try:
         tmp.mkdir(mode=0o700)
-        _create_layout(tmp, config, key)
+        _create_layout(tmp, config, key, all_buckets)
         builder = _SnapshotBuilder(
             tmp,
             config,
