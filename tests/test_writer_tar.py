@@ -332,3 +332,27 @@ def _tar_files(data: bytes):
         for info in t:
             if info.isreg():
                 yield info, t.extractfile(info).read()
+
+
+@pytest.mark.parametrize("suffix", ["tar", "tar.gz", "tar.xz"])
+def test_tar_file_path_and_compressed_tars(tmp_path: Path, suffix: str) -> None:
+    import gzip
+    import lzma
+
+    data = _tar([(_member("./d/f"), FILE), (_member("./d/e"), b"")])
+    packed = {"tar": data, "tar.gz": gzip.compress(data), "tar.xz": lzma.compress(data)}[suffix]
+    archive = tmp_path / f"in.{suffix}"
+    archive.write_bytes(packed)
+    dest = tmp_path / "store"
+    write_store(dest, archive, **TINY_CHUNKS)
+    view = store_view(dest)
+    assert (view[b"/d/f"][2], view[b"/d/e"][2]) == (FILE, b"")
+    assert set(view) == {b"/", b"/d", b"/d/f", b"/d/e"}
+
+
+def test_missing_source_is_a_usage_error(tmp_path: Path) -> None:
+    from kloset_blocks.errors import UsageError
+
+    with pytest.raises(UsageError, match="does not exist"):
+        write_store(tmp_path / "store", tmp_path / "nope.tar")
+    assert not (tmp_path / "store").exists()
