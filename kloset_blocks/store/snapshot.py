@@ -19,7 +19,9 @@ import posixpath
 import stat
 import threading
 from array import array
+from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -266,13 +268,32 @@ class SnapshotFile:
             )
         return data
 
-    def iter_read(self, offset: int = 0, length: int | None = None) -> Iterator[bytes]:
-        """The bytes of a range, one piece per chunk: for streaming without holding the range."""
+    def iter_read(self, offset: int = 0, length: int | None = None, readahead: int = 0) -> Iterator[bytes]:
+        """The bytes of a range, one piece per chunk: for streaming without holding the range.
+        With readahead > 0, up to that many following chunks are fetched and decoded on the
+        store's worker threads meanwhile (the codecs release the GIL): memory stays at
+        readahead + 1 chunks."""
         if length is None:
             length = self.size - offset
-        for i, start, n in self.chunk_ranges(offset, length):
-            data = self.chunk(i)
-            yield data if start == 0 and n == len(data) else data[start : start + n]
+        ranges = list(self.chunk_ranges(offset, length))
+        if readahead <= 0 or len(ranges) < 2:
+            for i, start, n in ranges:
+                data = self.chunk(i)
+                yield data if start == 0 and n == len(data) else data[start : start + n]
+            return
+        pool = self.snapshot.store.executor
+        pending: deque[Future[bytes]] = deque()
+        queued = 0
+        try:
+            for _, start, n in ranges:
+                while queued < len(ranges) and len(pending) <= readahead:
+                    pending.append(pool.submit(self.chunk, ranges[queued][0]))
+                    queued += 1
+                data = pending.popleft().result()
+                yield data if start == 0 and n == len(data) else data[start : start + n]
+        finally:
+            for fut in pending:
+                fut.cancel()
 
     def read(self, offset: int, length: int) -> bytes:
         pieces = list(self.iter_read(offset, length))

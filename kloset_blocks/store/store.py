@@ -10,10 +10,12 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import resource
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from kloset_blocks.errors import AmbiguousSnapshot, CorruptionError, NotFound
@@ -64,11 +66,26 @@ class Store:
         self._lock = threading.Lock()
         self._infos: dict[bytes, SnapshotInfo] = {}
         self._nodes: OrderedDict[tuple[int, bytes], BNode] = OrderedDict()
+        self._executor: ThreadPoolExecutor | None = None
 
     def __repr__(self) -> str:
         return f"<Store {self.location}>"
 
+    @property
+    def executor(self) -> ThreadPoolExecutor:
+        """Worker threads for read-ahead (SnapshotFile.iter_read), created on first use."""
+        with self._lock:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(
+                    max_workers=min(8, os.cpu_count() or 2), thread_name_prefix="kloset-readahead"
+                )
+            return self._executor
+
     def close(self) -> None:
+        with self._lock:
+            executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=True, cancel_futures=True)
         self.packfiles.close()
 
     def __enter__(self) -> Store:
