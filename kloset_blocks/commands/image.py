@@ -98,7 +98,8 @@ def run(args: argparse.Namespace) -> int:
         snap = open_store(store_loc, passphrase).open_snapshot(snap_prefix)
 
         def source() -> Iterable[Node]:
-            return snap.nodes(b"/")
+            # Only the subtree is walked; the reader presents hard links leaving it as copies.
+            return snap.nodes(b"/" if args.pgdata else os.fsencode(args.path))
 
         seed = snap_prefix.encode()
         info = getattr(snap, "info", None)
