@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 from bisect import bisect_right
+from collections.abc import Iterator
+from typing import Any
 
 from kloset_blocks.errors import CorruptionError, UsageError
 from kloset_blocks.ext4.layout import BYTES, FILE, ZERO, Layout, Region
@@ -97,6 +99,23 @@ class BlockImage:
             pos += n
             i += 1
         return out
+
+    def file_ranges(self, offset: int, length: int) -> Iterator[tuple[Any, int, int]]:
+        """(FileData, file offset, byte count) for the file bytes within [offset, offset+length):
+        what a prefetch of that range of the image has to fetch."""
+        self._range(offset, length)
+        end = offset + length
+        i = bisect_right(self._starts, offset) - 1
+        pos = offset
+        while pos < end:
+            r = self.regions[i]
+            rel = pos - r.start
+            n = min(r.start + r.length, end) - pos
+            have = min(max(r.src_len - rel, 0), n)
+            if r.kind == FILE and have:
+                yield r.source, r.src_offset + rel, have
+            pos += n
+            i += 1
 
     def write_sparse(self, path: str | os.PathLike[str], chunk: int = 1 << 20) -> None:
         """Write the image to `path` as a sparse file: zero regions become holes."""

@@ -1,0 +1,102 @@
+# From a snapshot to the block image that is served: which directory becomes the filesystem root
+# (a given path, or the directory holding PG_VERSION), who owns every inode (by default the local
+# `postgres` user when the root is a Postgres data directory, since Postgres refuses a data
+# directory it does not own), then the ext4 plan. One function used by the nbdkit plugin, the
+# `image` command and the FUSE views, so that all of them serve the same bytes for the same options.
+#
+# Only metadata is read here: entries through the snapshot's B+tree walk. File data stays in the
+# store until someone reads it.
+from __future__ import annotations
+
+import pwd
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from kloset_blocks.errors import NotFound, UsageError
+from kloset_blocks.ext4.layout import PlanOptions, plan
+from kloset_blocks.image import BlockImage
+from kloset_blocks.store.snapshot import Snapshot
+
+PG_VERSION = b"PG_VERSION"
+
+
+@dataclass(frozen=True)
+class ImageOptions:
+    path: bytes = b"/"
+    pgdata: bool = False  # serve the directory holding PG_VERSION, wherever it is
+    owner: str | None = None  # a user name; None: postgres for a data directory, else keep
+    uid: int | None = None
+    gid: int | None = None
+    free: int | None = None  # virtual free bytes; None: the planner's default
+    label: bytes = b""
+    on_bad_name: str = "fail"
+
+
+def find_pgdata(snapshot: Snapshot) -> bytes:
+    """The shallowest directory holding PG_VERSION: `/` for `tar:` backups of pg_basebackup,
+    `/data` for plakar's postgres importer. The walk is in PathCmp order (by depth), so the
+    first hit is the shallowest."""
+    for path, entry in snapshot.walk(b"/"):
+        if path.rsplit(b"/", 1)[-1] == PG_VERSION and entry.is_reg:
+            return path[: -len(PG_VERSION) - 1] or b"/"
+    raise NotFound(f"snapshot {snapshot.info.short_id} is not a PostgreSQL data directory (no PG_VERSION)")
+
+
+def holds_pgdata(snapshot: Snapshot, root: bytes) -> bool:
+    try:
+        snapshot.lookup(root.rstrip(b"/") + b"/" + PG_VERSION)
+    except NotFound:
+        return False
+    return True
+
+
+def resolve_owner(options: ImageOptions, is_pgdata: bool) -> tuple[int | None, int | None]:
+    """The uid/gid every inode gets, or (None, None) to keep the snapshot's owners."""
+    if options.uid is not None or options.gid is not None:
+        if options.owner is not None:
+            raise UsageError("give either an owner or a uid/gid, not both")
+        return options.uid, options.gid
+    name = options.owner or ("postgres" if is_pgdata else None)
+    if name is None:
+        return None, None
+    try:
+        entry = pwd.getpwnam(name)
+    except KeyError:
+        raise UsageError(f"owner {name}: no such user on this host") from None
+    return entry.pw_uid, entry.pw_gid
+
+
+def snapshot_image(snapshot: Snapshot, options: ImageOptions) -> tuple[BlockImage, bytes]:
+    """The synthesized image of `snapshot` and the snapshot path that is its root."""
+    root = find_pgdata(snapshot) if options.pgdata else options.path
+    try:
+        if not snapshot.lookup(root).is_dir:
+            raise UsageError(f"{root.decode(errors='replace')} is not a directory in the snapshot")
+    except NotFound:
+        raise NotFound(
+            f"no directory {root.decode(errors='replace')} in snapshot {snapshot.info.short_id}"
+        ) from None
+    uid, gid = resolve_owner(options, holds_pgdata(snapshot, root))
+    layout = plan(
+        snapshot.nodes(root),
+        PlanOptions(
+            root=root,
+            uid=uid,
+            gid=gid,
+            free_bytes=options.free,
+            label=options.label,
+            on_bad_name=options.on_bad_name,
+            uuid_seed=snapshot.info.id,
+        ),
+    )
+    return BlockImage(layout), root
+
+
+def chunk_macs(image: BlockImage, offset: int, length: int) -> Iterator[bytes]:
+    """The chunks a read of [offset, offset+length) of the image needs, in order: what to prefetch."""
+    for data, file_offset, n in image.file_ranges(offset, length):
+        ranges = getattr(data, "chunk_ranges", None)
+        if ranges is not None:
+            macs = data.macs
+            for index, _, _ in ranges(file_offset, n):
+                yield macs[index]

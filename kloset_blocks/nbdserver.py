@@ -1,0 +1,227 @@
+# The logic behind the nbdkit plugin nbdplugin/kloset.py, kept free of the `nbdkit` module so it
+# can be tested in a plain interpreter; the plugin script is a thin facade over `Server`.
+#
+# Lifecycle, as nbdkit drives it:
+#   config(key, value)*  -> config_complete() -> get_ready()   [one process, no threads yet]
+#   fork -> after_fork() -> open(export) / pread / extents / cache ... [PARALLEL threads]
+# get_ready opens the store and builds the default export's image (metadata only), so a wrong
+# store, snapshot or passphrase stops nbdkit before it listens. Other snapshots are served as
+# further exports (name = 8-hex id), their images built on first open and then kept.
+#
+# Reads: BlockImage.readinto stitches regions; file regions read chunks through one ChunkCache
+# shared by every export (chunks common to several snapshots are fetched once). A read that starts
+# where an earlier one ended is sequential: the chunks of the next `readahead` bytes of the image
+# are prefetched in the background. nbdkit's `cache` requests prefetch the same way.
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+from kloset_blocks.chunks import ChunkCache
+from kloset_blocks.errors import KlosetError, UsageError
+from kloset_blocks.export import ImageOptions, chunk_macs, snapshot_image
+from kloset_blocks.units import format_size, parse_size
+
+CONFIG_HELP = """\
+store=STORE        Kloset store: fs:/path, fs:///path or /path (required)
+snapshot=PREFIX    snapshot id prefix (default: the latest)
+path=PATH          serve this directory of the snapshot as the filesystem root (default /)
+pgdata=true        serve the directory holding PG_VERSION as the root
+owner=USER         give every inode to USER (default: postgres when serving a Postgres data directory)
+uid=N gid=N        give every inode to this uid/gid
+free=SIZE          virtual free space in the image (default: max(1G, data size))
+label=LABEL        ext4 volume label
+cache=SIZE         decoded-chunk cache (default 512M)
+readahead=SIZE     sequential readahead (default 8M; 0 disables)
+passphrase=-|+FILE passphrase: - prompts, +FILE reads a file (default: $PLAKAR_PASSPHRASE, then a prompt)
+stats=FILE         write cache and fetch counters as JSON to FILE at exit"""
+
+# Sequential streams remembered for readahead: the end offsets of recent reads.
+_STREAMS = 32
+
+
+@dataclass
+class PluginConfig:
+    store: str | None = None
+    snapshot: str = ""
+    path: bytes = b"/"
+    pgdata: bool = False
+    owner: str | None = None
+    uid: int | None = None
+    gid: int | None = None
+    free: int | None = None
+    label: str = ""
+    cache: int = 512 << 20
+    readahead: int = 8 << 20
+    passphrase: str | None = None
+    stats: str | None = None
+
+    def set(self, key: str, value: str) -> None:
+        setter = _SETTERS.get(key)
+        if setter is None:
+            raise UsageError(f"unknown parameter {key}= (known: {', '.join(sorted(_SETTERS))})")
+        try:
+            setter(self, value)
+        except ValueError:
+            raise UsageError(f"bad value for {key}=: {value!r}") from None
+
+    def check(self) -> None:
+        if not self.store:
+            raise UsageError("store= is required (e.g. store=fs:/var/backups)")
+        if self.owner is not None and (self.uid is not None or self.gid is not None):
+            raise UsageError("give either owner= or uid=/gid=, not both")
+
+    def image_options(self) -> ImageOptions:
+        return ImageOptions(
+            path=self.path,
+            pgdata=self.pgdata,
+            owner=self.owner,
+            uid=self.uid,
+            gid=self.gid,
+            free=self.free,
+            label=self.label.encode(),
+        )
+
+
+def _bool(value: str) -> bool:
+    lowered = value.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(value)
+
+
+def _path(value: str) -> bytes:
+    return ("/" + value.strip("/")).encode("utf-8", "surrogateescape")
+
+
+_SETTERS: dict[str, Any] = {
+    "store": lambda c, v: setattr(c, "store", v),
+    "snapshot": lambda c, v: setattr(c, "snapshot", v),
+    "path": lambda c, v: setattr(c, "path", _path(v)),
+    "pgdata": lambda c, v: setattr(c, "pgdata", _bool(v)),
+    "owner": lambda c, v: setattr(c, "owner", v),
+    "uid": lambda c, v: setattr(c, "uid", int(v)),
+    "gid": lambda c, v: setattr(c, "gid", int(v)),
+    "free": lambda c, v: setattr(c, "free", parse_size(v)),
+    "label": lambda c, v: setattr(c, "label", v),
+    "cache": lambda c, v: setattr(c, "cache", parse_size(v)),
+    "readahead": lambda c, v: setattr(c, "readahead", parse_size(v)),
+    "passphrase": lambda c, v: setattr(c, "passphrase", v),
+    "stats": lambda c, v: setattr(c, "stats", v),
+}
+
+
+@dataclass
+class Export:
+    name: str
+    description: str
+    image: Any  # kloset_blocks.image.BlockImage
+    stream_ends: OrderedDict[int, None] = field(default_factory=OrderedDict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class Server:
+    def __init__(self) -> None:
+        self.config = PluginConfig()
+        self.store: Any = None
+        self.cache: ChunkCache | None = None
+        self.exports: dict[str, Export] = {}
+        self.default_export = ""
+        self._build_lock = threading.Lock()
+
+    # ---- startup -------------------------------------------------------------------------------
+
+    def configure(self, key: str, value: str) -> None:
+        self.config.set(key, value)
+
+    def config_complete(self) -> None:
+        self.config.check()
+
+    def get_ready(self) -> None:
+        from kloset_blocks.store import open_store
+
+        self.store = open_store(self.config.store, passphrase=self.config.passphrase)
+        self.cache = ChunkCache(self.store.read_chunk, max_bytes=self.config.cache)
+        info = self.store.find_snapshot(self.config.snapshot)
+        self.default_export = info.short_id
+        self._export(info.short_id)
+
+    # ---- exports -------------------------------------------------------------------------------
+
+    def list_exports(self) -> list[tuple[str, str]]:
+        return [(info.short_id, describe(info)) for info in reversed(self.store.snapshots())]
+
+    def open(self, export_name: str) -> Export:
+        return self._export(export_name or self.default_export)
+
+    def _export(self, name: str) -> Export:
+        with self._build_lock:
+            export = self.exports.get(name)
+            if export is None:
+                export = self.exports[name] = self._build(name)
+            return export
+
+    def _build(self, prefix: str) -> Export:
+        snapshot = self.store.open_snapshot(prefix)
+        snapshot.fetch_chunk = self.cache.get
+        image, root = snapshot_image(snapshot, self.config.image_options())
+        info = snapshot.info
+        description = f"{describe(info)}, {root.decode(errors='replace')} as ext4 ({format_size(image.size)})"
+        return Export(info.short_id, description, image)
+
+    # ---- reads ---------------------------------------------------------------------------------
+
+    def pread(self, export: Export, buf: memoryview, offset: int) -> None:
+        export.image.readinto(buf, offset)
+        if self.config.readahead:
+            self._readahead(export, offset, len(buf))
+
+    def _readahead(self, export: Export, offset: int, length: int) -> None:
+        end = offset + length
+        with export.lock:
+            sequential = offset in export.stream_ends
+            if sequential:
+                del export.stream_ends[offset]
+            export.stream_ends[end] = None
+            while len(export.stream_ends) > _STREAMS:
+                export.stream_ends.popitem(last=False)
+        if sequential:
+            self.prefetch(export, end, self.config.readahead)
+
+    def prefetch(self, export: Export, offset: int, length: int) -> None:
+        length = max(0, min(length, export.image.size - offset))
+        if length:
+            self.cache.prefetch(chunk_macs(export.image, offset, length))
+
+    def extents(self, export: Export, offset: int, length: int) -> list[tuple[int, int, bool]]:
+        return export.image.extents(offset, length)
+
+    # ---- exit ----------------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        counters = self.cache.stats.as_dict() if self.cache else {}
+        if self.store is not None and hasattr(self.store, "stats"):
+            counters.update(self.store.stats())
+        return counters
+
+    def cleanup(self) -> None:
+        if self.cache is not None:
+            self.cache.shutdown()
+        if self.config.stats:
+            tmp = self.config.stats + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump(self.stats(), f, indent=1, sort_keys=True)
+            os.replace(tmp, self.config.stats)
+
+
+def describe(info: Any) -> str:
+    return f"snapshot {info.short_id} of {info.timestamp:%Y-%m-%d %H:%M:%S} ({info.name})"
+
+
+__all__ = ["CONFIG_HELP", "Export", "KlosetError", "PluginConfig", "Server"]

@@ -1,0 +1,155 @@
+# nbdkit Python plugin: serve a Kloset snapshot as a read-only ext4 block device.
+#
+#   nbdkit python nbdplugin/kloset.py store=fs:/var/backups snapshot=9f3a [path=/data] [owner=postgres]
+#
+# A thin facade: every callback forwards to kloset_blocks.nbdserver.Server. Run `nbdkit python
+# nbdplugin/kloset.py --help` for the parameters. The passphrase of an encrypted store comes from
+# $PLAKAR_PASSPHRASE, passphrase=+FILE or passphrase=- (prompt); never put it in argv.
+import errno
+import os
+import sys
+
+import nbdkit
+
+API_VERSION = 2
+
+
+def _add_project_to_path() -> None:
+    # nbdkit's embedded interpreter gives the script no __file__, and neither its directory nor the
+    # current one is on sys.path. The script's path is in nbdkit's own argv, though: from it, find
+    # the checkout (kloset_blocks/ beside nbdplugin/) and its virtualenv, and put both ahead of
+    # Debian's dist-packages (whose older cryptography lacks AES-GCM-SIV). Entries from PYTHONPATH,
+    # when set, stay first.
+    with open("/proc/self/cmdline", "rb") as f:
+        argv = f.read().split(b"\0")
+    for arg in argv:
+        if arg.endswith(b".py") and os.path.isfile(arg):
+            repo = os.path.dirname(os.path.dirname(os.path.abspath(os.fsdecode(arg))))
+            if os.path.isdir(os.path.join(repo, "kloset_blocks")):
+                py = f"python{sys.version_info.major}.{sys.version_info.minor}"
+                venv = os.path.join(repo, ".venv", "lib", py, "site-packages")
+                first = len([p for p in os.environ.get("PYTHONPATH", "").split(":") if p])
+                sys.path[first:first] = [p for p in (repo, venv) if p not in sys.path]
+                return
+
+
+_add_project_to_path()
+
+from kloset_blocks.errors import KlosetError  # noqa: E402
+from kloset_blocks.nbdserver import CONFIG_HELP, Server  # noqa: E402
+
+server = Server()
+config_help = CONFIG_HELP
+
+
+def _fail_startup(e: KlosetError) -> None:
+    # Startup errors are the user's to fix: one line, exit 1, no Python traceback (which is what
+    # nbdkit prints for an exception raised from a callback).
+    sys.stderr.write(f"nbdkit: kloset: error: {e}\n")
+    sys.stderr.flush()
+    os._exit(1)
+
+
+def dump_plugin():
+    print("kloset_config_keys=" + ",".join(line.split("=")[0] for line in CONFIG_HELP.splitlines()))
+    print("kloset_thread_model=parallel")
+
+
+def thread_model():
+    return nbdkit.THREAD_MODEL_PARALLEL
+
+
+def config(key, value):
+    try:
+        server.configure(key, value)
+    except KlosetError as e:
+        _fail_startup(e)
+
+
+def config_complete():
+    try:
+        server.config_complete()
+    except KlosetError as e:
+        _fail_startup(e)
+
+
+def get_ready():
+    try:
+        server.get_ready()
+    except KlosetError as e:
+        _fail_startup(e)
+    nbdkit.debug(f"kloset: default export {server.default_export}")
+
+
+def cleanup():
+    nbdkit.debug(f"kloset: stats {server.stats()}")
+    server.cleanup()
+
+
+def list_exports(readonly, is_tls):
+    return server.list_exports()
+
+
+def default_export(readonly, is_tls):
+    return server.default_export
+
+
+def open(readonly):
+    try:
+        return server.open(nbdkit.export_name())
+    except KlosetError as e:
+        nbdkit.debug(f"kloset: open: {e}")
+        nbdkit.set_error(errno.ENOENT)
+        raise
+
+
+def export_description(h):
+    return h.description
+
+
+def get_size(h):
+    return h.image.size
+
+
+def block_size(h):
+    # Python costs ~50 us a request: ask clients for large ones. Minimum 1, maximum 32 MiB.
+    return (1, 256 * 1024, 32 * 1024 * 1024)
+
+
+def can_write(h):
+    return False
+
+
+def can_multi_conn(h):
+    return True
+
+
+def is_rotational(h):
+    return False
+
+
+def can_cache(h):
+    return nbdkit.CACHE_NATIVE
+
+
+def can_extents(h):
+    return True
+
+
+def pread(h, buf, offset, flags):
+    try:
+        server.pread(h, buf, offset)
+    except KlosetError as e:
+        # Corrupt or missing data fails this request only; the server keeps serving the rest.
+        nbdkit.debug(f"kloset: read {len(buf)}@{offset}: {e}")
+        nbdkit.set_error(errno.EIO)
+        raise
+
+
+def cache(h, count, offset, flags):
+    server.prefetch(h, offset, count)
+
+
+def extents(h, count, offset, flags):
+    hole = nbdkit.EXTENT_HOLE | nbdkit.EXTENT_ZERO
+    return [(off, length, hole if zero else 0) for off, length, zero in server.extents(h, offset, count)]
