@@ -277,3 +277,38 @@ def test_blobs_by_type_and_mac() -> None:
     assert header["identifier"] == bytes.fromhex(SNAP_A_PLAIN)
     with pytest.raises(Exception, match="missing chunk blob"):
         store.read_chunk(bytes(32))
+
+
+@pytest.mark.parametrize(("offset", "length"), [(0, None), (1, 5_000_000), (12_345_678, 7), (0, 0)])
+@pytest.mark.parametrize("readahead", [0, 1, 3])
+def test_iter_read_with_readahead(big_file, offset: int, length: int | None, readahead: int) -> None:
+    f, whole = big_file
+    end = f.size if length is None else offset + length
+    assert b"".join(f.iter_read(offset, length, readahead=readahead)) == whole[offset:end]
+
+
+def test_iter_read_early_close(big_file) -> None:
+    f, whole = big_file
+    it = f.iter_read(readahead=3)
+    assert next(it) == whole[: f.offsets[1]]
+    it.close()  # pending read-ahead is cancelled or finishes harmlessly
+
+
+def test_walk_batches_entry_reads(case) -> None:
+    """walk() must not do one pread per entry: entries come in coalesced runs."""
+    snap, _ = case
+    packs = snap.store.packfiles
+    calls = 0
+    original = packs.pread
+
+    def counting(loc):
+        nonlocal calls
+        calls += 1
+        return original(loc)
+
+    packs.pread = counting
+    try:
+        n = sum(1 for _ in snap.walk())
+    finally:
+        del packs.pread
+    assert calls < n / 5, (calls, n)

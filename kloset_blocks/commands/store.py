@@ -133,7 +133,7 @@ def cmd_cat(args: argparse.Namespace) -> int:
         snap, path = _resolve(store, args.target)
         f = snap.open_file(path)
         out = sys.stdout.buffer
-        for piece in f.iter_read():
+        for piece in f.iter_read(readahead=2):
             out.write(piece)
         out.flush()
     return 0
@@ -225,7 +225,7 @@ class Restorer:
         fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
             f = SnapshotFile(self.snap, content)
-            for piece in f.iter_read():
+            for piece in f.iter_read(readahead=2):
                 view = memoryview(piece)
                 while view:
                     view = view[os.write(fd, view) :]

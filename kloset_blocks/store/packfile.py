@@ -101,11 +101,16 @@ class Packfiles:
     def _decode(self, rtype: int, mac: bytes, loc: Location, data: bytes) -> bytes:
         if rtype == c.RT_RANDOM:
             return data  # padding is stored raw
-        what = f"packfile {self.path(loc.packfile)}: {c.rt_name(rtype)} blob {mac.hex()}"
-        plain = self.codec.decode(data, what)
+        try:
+            plain = self.codec.decode(data, "")
+        except CorruptionError as e:  # the message is built only on failure: this is the hot path
+            raise CorruptionError(f"{self._what(rtype, mac, loc)}{e}") from None
         if rtype in c.CONTENT_ADDRESSED and self.codec.mac(plain) != mac:
-            raise CorruptionError(f"{what}: MAC mismatch (damaged data)")
+            raise CorruptionError(f"{self._what(rtype, mac, loc)}: MAC mismatch (damaged data)")
         return plain
+
+    def _what(self, rtype: int, mac: bytes, loc: Location) -> str:
+        return f"packfile {self.path(loc.packfile)}: {c.rt_name(rtype)} blob {mac.hex()}"
 
     def read_many(self, rtype: int, macs: Sequence[bytes]) -> list[bytes]:
         """Decoded blobs in the order of `macs`, fetched with coalesced preads."""
