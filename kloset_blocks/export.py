@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 import pwd
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from kloset_blocks.errors import NotFound, UsageError
@@ -31,15 +31,33 @@ class ImageOptions:
     label: bytes = b""
     on_bad_name: str = "fail"
 
+    def __post_init__(self) -> None:
+        if len(self.label) > 16:
+            raise UsageError("the volume label is at most 16 bytes")
+
 
 def find_pgdata(snapshot: Snapshot) -> bytes:
-    """The shallowest directory holding PG_VERSION: `/` for `tar:` backups of pg_basebackup,
-    `/data` for plakar's postgres importer. The walk is in PathCmp order (by depth), so the
-    first hit is the shallowest."""
-    for path, entry in snapshot.walk(b"/"):
-        if path.rsplit(b"/", 1)[-1] == PG_VERSION and entry.is_reg:
-            return path[: -len(PG_VERSION) - 1] or b"/"
-    raise NotFound(f"snapshot {snapshot.info.short_id} is not a PostgreSQL data directory (no PG_VERSION)")
+    """The directory holding PG_VERSION: `/` for `tar:` backups of pg_basebackup, `/data` for
+    plakar's postgres importer (two cheap lookups), else the shallowest anywhere (a full walk)."""
+    for candidate in (b"/", b"/data"):
+        if holds_pgdata(snapshot, candidate):
+            return candidate
+    found = find_pgdata_in(path for path, entry in snapshot.walk(b"/") if entry.is_reg)
+    if found is None:
+        short = snapshot.info.short_id
+        raise NotFound(f"snapshot {short} is not a PostgreSQL data directory (no PG_VERSION)")
+    return found
+
+
+def find_pgdata_in(file_paths: Iterable[bytes]) -> bytes | None:
+    """The shallowest directory (then the first by bytes) holding a file named PG_VERSION."""
+    best: tuple[int, bytes] | None = None
+    for path in file_paths:
+        directory, _, name = path.rpartition(b"/")
+        if name == PG_VERSION:
+            key = (directory.count(b"/"), directory or b"/")
+            best = key if best is None else min(best, key)
+    return None if best is None else best[1]
 
 
 def holds_pgdata(snapshot: Snapshot, root: bytes) -> bool:
@@ -66,6 +84,19 @@ def resolve_owner(options: ImageOptions, is_pgdata: bool) -> tuple[int | None, i
     return entry.pw_uid, entry.pw_gid
 
 
+def plan_options(options: ImageOptions, root: bytes, is_pgdata: bool, uuid_seed: bytes) -> PlanOptions:
+    uid, gid = resolve_owner(options, is_pgdata)
+    return PlanOptions(
+        root=root,
+        uid=uid,
+        gid=gid,
+        free_bytes=options.free,
+        label=options.label,
+        on_bad_name=options.on_bad_name,
+        uuid_seed=uuid_seed,
+    )
+
+
 def snapshot_image(snapshot: Snapshot, options: ImageOptions) -> tuple[BlockImage, bytes]:
     """The synthesized image of `snapshot` and the snapshot path that is its root."""
     root = find_pgdata(snapshot) if options.pgdata else options.path
@@ -76,20 +107,8 @@ def snapshot_image(snapshot: Snapshot, options: ImageOptions) -> tuple[BlockImag
         raise NotFound(
             f"no directory {root.decode(errors='replace')} in snapshot {snapshot.info.short_id}"
         ) from None
-    uid, gid = resolve_owner(options, holds_pgdata(snapshot, root))
-    layout = plan(
-        snapshot.nodes(root),
-        PlanOptions(
-            root=root,
-            uid=uid,
-            gid=gid,
-            free_bytes=options.free,
-            label=options.label,
-            on_bad_name=options.on_bad_name,
-            uuid_seed=snapshot.info.id,
-        ),
-    )
-    return BlockImage(layout), root
+    opts = plan_options(options, root, holds_pgdata(snapshot, root), snapshot.info.id)
+    return BlockImage(plan(snapshot.nodes(root), opts)), root
 
 
 def chunk_macs(image: BlockImage, offset: int, length: int) -> Iterator[bytes]:

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import pwd
+import stat
 import sys
-from collections.abc import Iterable
 
 from kloset_blocks.errors import NotFound, UsageError
-from kloset_blocks.ext4 import PlanOptions, plan
+from kloset_blocks.export import ImageOptions, find_pgdata_in, plan_options, snapshot_image
+from kloset_blocks.ext4 import plan
 from kloset_blocks.image import BlockImage
-from kloset_blocks.tree import Node
 from kloset_blocks.units import format_size, parse_size
 
 
@@ -26,7 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--from-dir", metavar="DIR", help="image a local directory instead of a snapshot")
     p.add_argument("--path", default="/", help="subtree that becomes the image's root (default /)")
     p.add_argument("--pgdata", action="store_true", help="root the image at the directory holding PG_VERSION")
-    p.add_argument("--owner", metavar="USER", help="owner of every inode (default with --pgdata: postgres)")
+    p.add_argument("--owner", metavar="USER", help="owner of all inodes (default for a data dir: postgres)")
     p.add_argument("--uid", type=int, help="uid of every inode")
     p.add_argument("--gid", type=int, help="gid of every inode")
     p.add_argument("--free", default=None, metavar="SIZE", help="free space (default max(1G, data size))")
@@ -36,58 +35,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=run)
 
 
-def _owner(args: argparse.Namespace) -> tuple[int | None, int | None]:
-    if args.owner is not None:
-        if args.uid is not None or args.gid is not None:
-            raise UsageError("--owner and --uid/--gid are exclusive")
-        return _user(args.owner)
-    if args.uid is not None or args.gid is not None:
-        return args.uid, args.gid
-    if args.pgdata:
-        try:
-            return _user("postgres")
-        except UsageError:
-            return None, None
-    return None, None
-
-
-def _user(name: str) -> tuple[int, int]:
-    try:
-        pw = pwd.getpwnam(name)
-    except KeyError:
-        raise UsageError(f"no such user: {name}") from None
-    return pw.pw_uid, pw.pw_gid
-
-
-def find_pgdata(nodes: Iterable[Node]) -> bytes:
-    """The shallowest directory holding a PG_VERSION file."""
-    best: bytes | None = None
-    for n in nodes:
-        if n.path.endswith(b"/PG_VERSION"):
-            d = n.path[: -len(b"/PG_VERSION")] or b"/"
-            if (
-                best is None
-                or d.count(b"/") < best.count(b"/")
-                or (d.count(b"/") == best.count(b"/") and d < best)
-            ):
-                best = d
-    if best is None:
-        raise NotFound("no PG_VERSION in this tree: not a PostgreSQL data directory")
-    return best
+def image_options(args: argparse.Namespace) -> ImageOptions:
+    return ImageOptions(
+        path=os.fsencode(args.path),
+        pgdata=args.pgdata,
+        owner=args.owner,
+        uid=args.uid,
+        gid=args.gid,
+        free=parse_size(args.free) if args.free is not None else None,
+        label=args.label.encode(),
+        on_bad_name=args.on_bad_name,
+    )
 
 
 def run(args: argparse.Namespace) -> int:
+    options = image_options(args)
     if args.from_dir is not None:
         if len(args.args) != 1:
             raise UsageError("usage: kloset-blocks image --from-dir DIR OUT.img")
-        from kloset_blocks.localtree import walk
-
-        out = args.args[0]
-
-        def source() -> Iterable[Node]:
-            return walk(args.from_dir)
-
-        seed = os.fsencode(os.path.abspath(args.from_dir))
+        (out,) = args.args
+        image, root = directory_image(args.from_dir, options)
     else:
         if len(args.args) != 3:
             raise UsageError("usage: kloset-blocks image STORE SNAP OUT.img")
@@ -95,41 +62,30 @@ def run(args: argparse.Namespace) -> int:
 
         store_loc, snap_prefix, out = args.args
         passphrase = "+" + args.passphrase_file if args.passphrase_file else None
-        snap = open_store(store_loc, passphrase).open_snapshot(snap_prefix)
-
-        def source() -> Iterable[Node]:
-            # Only the subtree is walked; the reader presents hard links leaving it as copies.
-            return snap.nodes(b"/" if args.pgdata else os.fsencode(args.path))
-
-        seed = snap_prefix.encode()
-        info = getattr(snap, "info", None)
-        if info is not None and getattr(info, "id", None):
-            seed = bytes(info.id) if isinstance(info.id, bytes | bytearray) else str(info.id).encode()
-    root = os.fsencode(args.path)
-    nodes: Iterable[Node] = source()
-    if args.pgdata:
-        nodes = list(nodes)
-        root = find_pgdata(nodes)
-    uid, gid = _owner(args)
-    label = args.label.encode()
-    if len(label) > 16:
-        raise UsageError("--label is at most 16 bytes")
-    opts = PlanOptions(
-        root=root,
-        uid=uid,
-        gid=gid,
-        free_bytes=parse_size(args.free) if args.free is not None else None,
-        label=label,
-        on_bad_name=args.on_bad_name,
-        uuid_seed=seed,
-    )
-    layout = plan(nodes, opts)
+        snapshot = open_store(store_loc, passphrase).open_snapshot(snap_prefix)
+        image, root = snapshot_image(snapshot, options)
+    layout = image.layout
     for w in layout.warnings:
         print(f"kloset-blocks: warning: {w}", file=sys.stderr)
-    BlockImage(layout).write_sparse(out)
+    image.write_sparse(out)
     print(
         f"{out}: ext4, {format_size(layout.size)}, {layout.files} files, {layout.directories} directories,"
         f" root {os.fsdecode(root)}",
         file=sys.stderr,
     )
     return 0
+
+
+def directory_image(directory: str, options: ImageOptions) -> tuple[BlockImage, bytes]:
+    from kloset_blocks.localtree import walk
+
+    nodes = list(walk(directory))
+    root = options.path
+    if options.pgdata:
+        found = find_pgdata_in(n.path for n in nodes if stat.S_ISREG(n.mode))
+        if found is None:
+            raise NotFound(f"{directory} is not a PostgreSQL data directory (no PG_VERSION)")
+        root = found
+    is_pgdata = any(n.path == root.rstrip(b"/") + b"/PG_VERSION" for n in nodes)
+    seed = os.fsencode(os.path.abspath(directory))
+    return BlockImage(plan(nodes, plan_options(options, root, is_pgdata, seed))), root
