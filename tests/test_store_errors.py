@@ -116,6 +116,25 @@ def test_unsupported_state_version(tmp_path: Path) -> None:
         open_store(str(store))
 
 
+@pytest.mark.parametrize(
+    ("offset", "data", "error", "message"),
+    [
+        (12, struct.pack("<I", 0x10100), UnsupportedVersion, r"unsupported packfile version 1\.1\.0"),
+        (8, struct.pack("<I", c.RT_STATE), CorruptionError, "resource type is state, expected packfile"),
+        (0, b"_XXXXXX_", CorruptionError, "not a kloset object"),
+    ],
+)
+def test_packfile_header_checked(tmp_path: Path, offset: int, data: bytes, error: type, message: str) -> None:
+    store_dir = copy_store(PLAIN, tmp_path / "s")
+    for pack in (store_dir / "packfiles").glob("*/*"):
+        with open(pack, "r+b") as f:
+            f.seek(offset)
+            f.write(data)
+    store = open_store(str(store_dir))
+    with pytest.raises(error, match=message):
+        store.open_snapshot(SNAP_A_PLAIN).lookup(b"/PG_VERSION")
+
+
 def test_missing_bucket_dirs_and_junk_are_skipped(tmp_path: Path) -> None:
     store = copy_store(PLAIN, tmp_path / "s")
     (store / "states" / "zz").mkdir()

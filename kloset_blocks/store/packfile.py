@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import os
+import struct
 import threading
 from collections.abc import Sequence
 
@@ -21,6 +22,7 @@ from kloset_blocks.store import codec as c
 from kloset_blocks.store.state import Location, LocationIndex
 
 MAX_COALESCED = 4 << 20
+PACKFILE_VERSION_MAX = c.pack_version(1, 0, 0)
 MAX_GAP = 64 << 10
 
 
@@ -49,8 +51,28 @@ class Packfiles:
             fd = self._fds.get(packfile)
             if fd is None:
                 fd = os.open(self.path(packfile), os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    self._check_header(fd, packfile)
+                except BaseException:
+                    os.close(fd)
+                    raise
                 self._fds[packfile] = fd
             return fd
+
+    def _check_header(self, fd: int, packfile: bytes) -> None:
+        """Magic, type and version of the wrapper, once per packfile (the trailer MAC would need
+        the whole file: blobs are checked by their own MACs instead)."""
+        head = os.pread(fd, c.HEADER_SIZE, 0)
+        path = self.path(packfile)
+        if len(head) < c.HEADER_SIZE or head[:8] not in (c.MAGIC, c.LEGACY_MAGIC):
+            raise CorruptionError(f"packfile {path}: not a kloset object (bad magic)")
+        rtype, version = struct.unpack_from("<II", head, 8)
+        if rtype != c.RT_PACKFILE:
+            raise CorruptionError(f"packfile {path}: resource type is {c.rt_name(rtype)}, expected packfile")
+        if version > PACKFILE_VERSION_MAX:
+            raise UnsupportedVersion(
+                f"unsupported packfile version {c.version_str(version)} (this reader supports 1.0.0): {path}"
+            )
 
     def close(self) -> None:
         with self._lock:
