@@ -289,13 +289,14 @@ def _lz4_compress(data: bytes) -> bytes:
 
 
 def _lz4_decompress(data: bytes) -> bytes:
-    # Streamed in 1 MiB pieces: lz4.frame.decompress() without a content size in the frame
-    # (Go never writes one) peaks at ~9x the output while growing its buffer; this peaks at ~2x.
+    # Streamed in 4 MiB pieces (Go's block size): lz4.frame.decompress() without a content size
+    # in the frame (Go never writes one) peaks at ~9x the output while growing its buffer; this
+    # peaks at ~2x and measured faster too.
     d = lz4.frame.LZ4FrameDecompressor()
     out = []
     stalled = 0
     while not d.eof:
-        piece = d.decompress(data, max_length=1 << 20)
+        piece = d.decompress(data, max_length=4 << 20)
         data = b""
         stalled = 0 if piece else stalled + 1
         if not d.eof and (stalled > 1 or (not piece and d.needs_input)):
