@@ -16,6 +16,7 @@ COMMAND_MODULES = [
     "kloset_blocks.commands.image",
     "kloset_blocks.commands.writer",
     "kloset_blocks.commands.run",
+    "kloset_blocks.commands.fuse",
 ]
 
 
