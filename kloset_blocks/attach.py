@@ -403,6 +403,7 @@ def teardown_run_dir(path: Path | str, progress: Progress | None = None) -> list
             ("nbd device", lambda: _disconnect_nbd(st)),
             ("qemu-storage-daemon", lambda: _stop_qsd(st)),
             ("nbdkit", lambda: stop_process(st.get("nbdkit"))),
+            ("fuse view", lambda: _stop_fuse_view(st)),  # hook: kloset_blocks.fuse (issue 7)
             ("stray processes", lambda: _sweep(path)),
             ("files", lambda: _remove_files(path, st)),
         ]
@@ -440,6 +441,16 @@ def _locked(path: Path):  # type: ignore[no-untyped-def]
         yield
     finally:
         os.close(fd)
+
+
+# --- hook for the FUSE views (issue 7; owned by kloset_blocks/fuse) ---------------------------------
+def _stop_fuse_view(st: dict[str, Any]) -> None:
+    """A pyfuse3 view recorded here (`expose`/`browse`, or the image file behind `mount --backend
+    fuse`): stop it (it unmounts itself) and detach its mount if it is still there."""
+    if "fuse_view" in st or "fuse_view_mount" in st:
+        from kloset_blocks.fuse.mount import stop_recorded_view
+
+        stop_recorded_view(st)
 
 
 def _stop_postgres(run: RunDir) -> None:
