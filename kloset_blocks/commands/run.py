@@ -126,10 +126,31 @@ def _nbdkit_for(args: argparse.Namespace, owner: str | None) -> Nbdkit:
 def cmd_mount(args: argparse.Namespace) -> int:
     require_root()
     progress = Progress(args.quiet)
-    chain = mount_session(_nbdkit_for(args, None), args.mountpoint, overlay=args.overlay, progress=progress)
+    if _fuse_backend(args):  # hook: the exposed image file as the backing (kloset_blocks.fuse, issue 7)
+        from kloset_blocks.fuse.chain import fuse_mount_session
+
+        chain = fuse_mount_session(
+            args.store,
+            args.snapshot,
+            args.mountpoint,
+            path=args.path,
+            overlay=args.overlay,
+            progress=progress,
+        )
+    else:
+        chain = mount_session(
+            _nbdkit_for(args, None), args.mountpoint, overlay=args.overlay, progress=progress
+        )
     assert chain.run is not None
     progress.say(f"mounted on {chain.mountpoint} (run {chain.run.id}); `kloset-blocks down` to undo")
     return 0
+
+
+def _fuse_backend(args: argparse.Namespace) -> bool:
+    # --- hook (issue 7): `--backend fuse`, or `auto` where nbdkit is not installed ---
+    import shutil
+
+    return args.backend == "fuse" or (args.backend == "auto" and shutil.which("nbdkit") is None)
 
 
 def cmd_pg_start(args: argparse.Namespace) -> int:
@@ -189,6 +210,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "mount", parents=[quiet, snap], help="mount a snapshot read-write (qcow2 overlay)"
     )
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.add_argument(
+        "--backend",
+        choices=["auto", "nbd", "fuse"],
+        default="auto",
+        help="serve the backing with nbdkit, or as a FUSE image file (`expose`); auto: nbd if installed",
+    )
     p.set_defaults(handler=cmd_mount)
 
     p = subparsers.add_parser("pg", help="PostgreSQL on a snapshot: start | stop")
