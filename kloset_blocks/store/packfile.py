@@ -8,6 +8,8 @@
 #   mutated under `_lock`.
 # - Errors name the packfile, the blob type and MAC: CorruptionError for damaged bytes,
 #   UnsupportedVersion for blobs recorded with a newer version.
+# - `bytes_read` / `preads` count every pread (encoded bytes, any blob type) for the nbdkit plugin's
+#   stats; updated under `_count_lock` since `+=` on an attribute is not atomic across threads.
 # - read_many coalesces blobs lying close together in one packfile into one pread (<= 4 MiB,
 #   like Go's read planner), which is what makes scanning a VFS tree cheap.
 from __future__ import annotations
@@ -34,6 +36,9 @@ class Packfiles:
         self._fds: dict[bytes, int] = {}
         self._lock = threading.Lock()
         self._closed = False
+        self._count_lock = threading.Lock()
+        self.bytes_read = 0
+        self.preads = 0
 
     # ------------------------------------------------------------ files
 
@@ -84,6 +89,9 @@ class Packfiles:
     def pread(self, loc: Location) -> bytes:
         """The encoded bytes of one blob (FileNotFoundError when its packfile is gone)."""
         data = os.pread(self._fd(loc.packfile), loc.length, c.HEADER_SIZE + loc.offset)
+        with self._count_lock:
+            self.bytes_read += len(data)
+            self.preads += 1
         if len(data) != loc.length:
             raise CorruptionError(
                 f"packfile {self.path(loc.packfile)}: truncated (blob at {loc.offset}+{loc.length}"

@@ -113,6 +113,10 @@ class Store:
     def read_chunk(self, mac: bytes) -> bytes:
         return self.packfiles.read(c.RT_CHUNK, mac)
 
+    def stats(self) -> dict[str, int]:
+        """Encoded bytes read from packfiles (every blob type) and the preads that read them."""
+        return {"store_bytes_read": self.packfiles.bytes_read, "store_preads": self.packfiles.preads}
+
     def read_record(self, rtype: int, mac: bytes) -> Any:
         return self._unpack(rtype, mac, self.read_blob(rtype, mac))
 
