@@ -138,6 +138,9 @@ def build_tree(snapshot: Snapshot, root: bytes = b"/") -> Tree:
             )
             by_path[node.path] = inode.ino
         link(parent, name, inode)
+    for inode in tree.inodes:
+        if inode is not None and inode.names is not None:
+            inode.names.sort()  # the snapshot's byte order; hard links were walked last
     return tree
 
 
