@@ -69,7 +69,9 @@ class BlockImage:
     def _read_file(r: Region, rel: int, out: memoryview) -> None:
         n = len(out)
         have = min(max(r.src_len - rel, 0), n)
-        if have:
+        if have and hasattr(r.source, "readinto"):
+            r.source.readinto(r.src_offset + rel, out[:have])
+        elif have:
             data = r.source.read(r.src_offset + rel, have)
             if len(data) != have:
                 raise CorruptionError(
