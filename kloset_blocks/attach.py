@@ -132,6 +132,14 @@ def loops_on(path: Path | str) -> list[str]:
     return found
 
 
+def child_pids(pid: int) -> list[int]:
+    """Direct children of pid, from /proc (no procps needed)."""
+    try:
+        return [int(x) for x in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
 def free_nbd_device() -> str | None:
     """A /dev/nbdN with no server attached, where the nbd kernel module is loaded."""
     for d in sorted(Path("/sys/block").glob("nbd*"), key=lambda p: int(p.name[3:] or 0)):
@@ -256,15 +264,22 @@ class Chain:
         self.socket = sock
         log_path = run.path / "nbdkit.log"
         argv = nbdkit_command(self.nbdkit_argv, sock)
-        run.record(socket=str(sock), nbdkit_log=str(log_path), nbdkit_argv=argv[:3] + ["..."])
-        proc = self._spawn(argv, log_path, "nbdkit", env=self.env)
-        run.record(nbdkit=proc_record(proc.pid))
+        run.record(socket=str(sock), nbdkit_log=str(log_path))
+        # In the foreground nbdkit sets PR_SET_PDEATHSIG (measured on Debian's 1.32.5, with or
+        # without --exit-with-parent): it gets SIGTERM when its parent exits. So its parent is a
+        # keeper that lives exactly as long as it does, `setsid -w`, never this (short-lived) CLI.
+        keeper = self._spawn(["setsid", "-w", *argv], log_path, "nbdkit", env=self.env)
+        run.record(nbdkit_keeper=proc_record(keeper.pid))
         deadline = time.monotonic() + self.timeout
+        nbdkit_pid = None
         while True:
-            if proc.poll() is not None:
-                tail = log_tail(log_path) or f"exit status {proc.returncode}"
+            if keeper.poll() is not None:
+                tail = log_tail(log_path) or f"exit status {keeper.returncode}"
                 raise AttachError(f"serve: nbdkit exited: {tail}")
-            if sock.exists() and probe_nbd(sock):
+            if nbdkit_pid is None and (kids := child_pids(keeper.pid)):
+                nbdkit_pid = kids[0]
+                run.record(nbdkit=proc_record(nbdkit_pid))
+            if nbdkit_pid is not None and sock.exists() and probe_nbd(sock):
                 break
             if time.monotonic() > deadline:
                 raise AttachError(f"serve: nbdkit did not accept on its socket within {self.timeout:.0f} s")
@@ -402,7 +417,7 @@ def teardown_run_dir(path: Path | str, progress: Progress | None = None) -> list
             ("loop", lambda: _detach_loops(st)),
             ("nbd device", lambda: _disconnect_nbd(st)),
             ("qemu-storage-daemon", lambda: _stop_qsd(st)),
-            ("nbdkit", lambda: stop_process(st.get("nbdkit"))),
+            ("nbdkit", lambda: _stop_nbdkit(st)),
             ("fuse view", lambda: _stop_fuse_view(st)),  # hook: kloset_blocks.fuse (issue 7)
             ("stray processes", lambda: _sweep(path)),
             ("files", lambda: _remove_files(path, st)),
@@ -500,6 +515,11 @@ def _disconnect_nbd(st: dict[str, Any]) -> None:
         run_tool(["qemu-nbd", "--disconnect", dev], "nbd disconnect")
 
 
+def _stop_nbdkit(st: dict[str, Any]) -> None:
+    stop_process(st.get("nbdkit"))
+    stop_process(st.get("nbdkit_keeper"))  # exits with its child; a signal if it has not yet
+
+
 def _stop_qsd(st: dict[str, Any]) -> None:
     stop_process(st.get("qsd"))
     fuse = st.get("fuse")
@@ -517,7 +537,7 @@ def _remove_files(path: Path, st: dict[str, Any]) -> None:
     still = [tg for _, tg, _ in mounts() if tg == str(path) or tg.startswith(str(path) + "/")]
     if still:
         raise AttachError(f"not removing {path}: still mounted: {' '.join(still)}")
-    if any(proc_alive(st.get(k)) for k in ("nbdkit", "qsd")):
+    if any(proc_alive(st.get(k)) for k in ("nbdkit", "nbdkit_keeper", "qsd")):
         raise AttachError(f"not removing {path}: a recorded process is still alive")
     # A temporary overlay lives inside the run directory and goes with it; a kept one is elsewhere.
     shutil.rmtree(path)

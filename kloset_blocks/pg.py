@@ -286,8 +286,19 @@ class Server:
         return ["runuser", "-u", PG_USER, "--", exe, "-h", str(self.dir), "-p", str(self.port), *args]
 
     def psql(self, args: Sequence[str] = ()) -> int:
-        """Interactive or scripted psql on the terminal; returns its exit status."""
-        return subprocess.call(self.psql_argv(args), cwd="/")
+        """Interactive or scripted psql on the terminal; returns its exit status. If we are told to
+        stop (SIGTERM/SIGHUP raise in our main thread), psql gets SIGTERM (runuser passes it on)."""
+        proc = subprocess.Popen(self.psql_argv(args), cwd="/")
+        try:
+            return proc.wait()
+        except BaseException:
+            proc.terminate()
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            raise
 
     def query(self, sql: str, db: str = "postgres", timeout: float = 60.0) -> str:
         """Unaligned, tuples-only output of one statement (for tests and scripts)."""

@@ -26,7 +26,7 @@ LIVE_QUERIES: dict[str, tuple[str, str]] = {
     "accounts": ("shop", "select count(*), sum(abalance) from pgbench_accounts"),
     "branches": ("shop", "select string_agg(bid || ':' || bbalance, ',' order by bid) from pgbench_branches"),
     "items": ("shop", "select string_agg(id || '=' || name, ',' order by id) from items"),
-    "point": ("shop", "select abalance, filler is not null from pgbench_accounts where aid = 77777"),
+    "point": ("shop", "select abalance, filler is not null from pgbench_accounts where aid = 77770"),
     "databases": ("postgres", "select string_agg(datname, ',' order by datname) from pg_database"),
 }
 
@@ -62,8 +62,8 @@ class PgCluster:
 
     def start(self) -> None:
         as_postgres(
-            [str(BINDIR / "pg_ctl"), "start", "-w", "-s", "-D", str(self.datadir), "-l", str(self.base / "log"),
-             "-o", f"-p {PORT} -k {self.base} -c listen_addresses=''"]
+            [str(BINDIR / "pg_ctl"), "start", "-w", "-s", "-D", str(self.datadir),
+             "-l", str(self.base / "log"), "-o", f"-p {PORT} -k {self.base} -c listen_addresses=''"]
         )  # fmt: skip
 
     def stop(self) -> None:
@@ -119,7 +119,7 @@ def extract_for_image(tar_path: Path, dest: Path) -> Path:
     pg_basebackup writes backup_manifest as uid 2048; mke2fs -d copies owners)."""
     dest.mkdir(parents=True)
     with tarfile.open(tar_path) as t:
-        t.extractall(dest, filter="fully_trusted")
+        t.extractall(dest)  # our own pg_basebackup output
     uid, gid = pg_ids()
     for dirpath, dirnames, filenames in os.walk(dest):
         for name in [*dirnames, *filenames]:

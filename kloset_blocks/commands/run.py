@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -18,7 +17,7 @@ from pathlib import Path
 from kloset_blocks import pg
 from kloset_blocks.attach import Chain, teardown_all, teardown_run_dir
 from kloset_blocks.errors import UsageError
-from kloset_blocks.runtime import Progress, RunDir, list_run_dirs, signals_unwind, sigint_ignored
+from kloset_blocks.runtime import Progress, RunDir, list_run_dirs, sigint_ignored, signals_unwind
 
 Nbdkit = tuple[Sequence[str], Mapping[str, str]]
 

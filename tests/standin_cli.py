@@ -1,0 +1,18 @@
+# The real `kloset-blocks` CLI with the nbdkit command swapped for a stand-in: nbdkit's C file plugin
+# serving an ext4 image file. Usage: python tests/standin_cli.py IMAGE ARGS...
+# (STORE and SNAP are still parsed, and ignored by the stand-in.)
+from __future__ import annotations
+
+import sys
+
+from kloset_blocks import cli, serve
+
+
+def main() -> int:
+    image, args = sys.argv[1], sys.argv[2:]
+    serve.nbdkit_argv = lambda *a, **k: (["nbdkit", "file", f"file={image}"], {})  # type: ignore[assignment]
+    return cli.main(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
