@@ -169,7 +169,7 @@ def test_stop_process_only_signals_the_recorded_process() -> None:
 
 
 def test_stop_process_escalates_to_sigkill() -> None:
-    p = subprocess.Popen(["sh", "-c", "trap '' TERM; sleep 30"], start_new_session=True)
+    p = subprocess.Popen(["sh", "-c", "trap '' TERM; exec sleep 30"], start_new_session=True)
     try:
         rec = proc_record(p.pid)
         time.sleep(0.1)  # let sh install its trap
