@@ -92,7 +92,7 @@ class PgCluster:
         shutil.rmtree(self.base, ignore_errors=True)
 
 
-def make_cluster() -> PgCluster:
+def make_cluster(scale: int = 1) -> PgCluster:
     """initdb, start, load data, record the live answers. The caller stops/cleans it up."""
     uid, gid = pg_ids()
     base = Path(tempfile.mkdtemp(prefix="kb-pgcluster-"))
@@ -104,7 +104,7 @@ def make_cluster() -> PgCluster:
     try:
         c.psql("create database shop")
         as_postgres(
-            [str(BINDIR / "pgbench"), "-i", "-s", "1", "-q", "-h", str(base), "-p", str(PORT), "shop"]
+            [str(BINDIR / "pgbench"), "-i", "-s", str(scale), "-q", "-h", str(base), "-p", str(PORT), "shop"]
         )
         c.psql(SETUP_SQL, "shop")
         c.live = {name: c.psql(sql, db) for name, (db, sql) in LIVE_QUERIES.items()}
