@@ -10,7 +10,10 @@
 # - Concurrent misses on one MAC share one fetch: the first caller fetches, the others wait on its
 #   future. A failed fetch is not cached: every waiter gets the error, the next get() tries again.
 # - Prefetched chunks go through the same path, so a foreground get() of a chunk being prefetched
-#   waits for that fetch instead of starting a second one.
+#   waits for that fetch instead of starting a second one. A prefetch still queued (no worker has
+#   started it) is taken over by the get(): it fetches on its own thread and resolves the same
+#   future, so a foreground read never waits behind the prefetch queue.
+# - shutdown() fails the futures of prefetches it cancels, so nobody waits on them forever.
 # - Memory is bounded by `max_bytes` plus the chunks in flight (at most workers + callers).
 from __future__ import annotations
 
@@ -21,6 +24,8 @@ from dataclasses import asdict, dataclass
 
 from cachetools import LRUCache
 
+from kloset_blocks.errors import StoreError
+
 
 @dataclass
 class ChunkStats:
@@ -28,6 +33,7 @@ class ChunkStats:
     misses: int = 0
     shared_waits: int = 0
     prefetched: int = 0
+    prefetch_taken: int = 0  # queued prefetches a foreground get() fetched itself
     fetch_errors: int = 0
     bytes_decoded: int = 0
 
@@ -45,6 +51,7 @@ class ChunkCache:
         self._fetch = fetch
         self._lru: LRUCache[bytes, bytes] = LRUCache(maxsize=max(max_bytes, 1), getsizeof=_chunk_size)
         self._inflight: dict[bytes, Future[bytes]] = {}
+        self._queued: dict[bytes, Future[bytes]] = {}  # prefetches no worker has started yet
         self._lock = threading.Lock()
         self._workers = prefetch_workers
         self._pool: ThreadPoolExecutor | None = None
@@ -62,6 +69,9 @@ class ChunkCache:
                 self.stats.misses += 1
                 future = self._inflight[mac] = Future()
                 fetch_here = True
+            elif self._queued.pop(mac, None) is not None:
+                self.stats.prefetch_taken += 1
+                fetch_here = True
             else:
                 self.stats.shared_waits += 1
                 fetch_here = False
@@ -69,18 +79,28 @@ class ChunkCache:
 
     def prefetch(self, macs: Iterable[bytes]) -> None:
         """Start fetching the chunks not cached nor in flight, in the background."""
-        for mac in macs:
-            with self._lock:
+        todo: list[tuple[bytes, Future[bytes]]] = []
+        with self._lock:
+            for mac in macs:
                 if mac in self._lru or mac in self._inflight:
                     continue
-                future = self._inflight[mac] = Future()
+                future = self._inflight[mac] = self._queued[mac] = Future()
                 self.stats.prefetched += 1
-            self._executor().submit(self._fill_quietly, mac, future)
+                todo.append((mac, future))
+        pool = self._executor()
+        for mac, future in todo:
+            pool.submit(self._run_prefetch, mac, future)
 
     def shutdown(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
+        with self._lock:
+            cancelled, self._queued = self._queued, {}
+            for mac in cancelled:
+                del self._inflight[mac]
+        for future in cancelled.values():
+            future.set_exception(StoreError("chunk cache shut down"))
 
     def _executor(self) -> ThreadPoolExecutor:
         # Created on first use, not in __init__: nbdkit forks after get_ready, and threads do not
@@ -107,6 +127,12 @@ class ChunkCache:
             del self._inflight[mac]
         future.set_result(chunk)
         return chunk
+
+    def _run_prefetch(self, mac: bytes, future: Future[bytes]) -> None:
+        with self._lock:
+            if self._queued.pop(mac, None) is None:
+                return  # taken over by a get(), or cancelled
+        self._fill_quietly(mac, future)
 
     def _fill_quietly(self, mac: bytes, future: Future[bytes]) -> None:
         # A failed prefetch is not an error for anyone yet: the foreground read that needs the

@@ -12,12 +12,23 @@
 # shared by every export (chunks common to several snapshots are fetched once). A read that starts
 # where an earlier one ended is sequential: the chunks of the next `readahead` bytes of the image
 # are prefetched in the background. nbdkit's `cache` requests prefetch the same way.
+#
+# Readahead stays off the request path. The image is cut into PLAN_BLOCK-sized blocks; a
+# sequential read asks for the blocks of the next `readahead` bytes that were not asked for
+# recently (a bounded LRU of block numbers per export), so each block is planned once however many
+# streams and threads (nbdcopy keeps 64 requests in flight over 4 connections) run over it. The
+# planning (image bytes -> chunk MACs, which may load files' chunk lists from the store) runs on
+# one background "planner" thread; the chunk fetches on the cache's prefetch workers. Planning
+# inline, on every request, over the whole window, made the request threads spend their time
+# rescanning the same chunks and queueing on the per-file lock of unloaded chunk lists.
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,8 +51,12 @@ readahead=SIZE     sequential readahead (default 8M; 0 disables)
 passphrase=-|+FILE passphrase: - prompts, +FILE reads a file (default: $PLAKAR_PASSPHRASE, then a prompt)
 stats=FILE         write cache and fetch counters as JSON to FILE at exit"""
 
-# Sequential streams remembered for readahead: the end offsets of recent reads.
-_STREAMS = 32
+# Sequential streams remembered for readahead (the end offsets of recent reads): more than the
+# requests a client keeps in flight, or out-of-order replies hide the streams.
+_STREAMS = 256
+# Readahead granularity, and the smallest number of planned blocks remembered per export.
+PLAN_BLOCK = 1 << 20
+_PLANNED_MIN = 64
 
 
 @dataclass
@@ -123,6 +138,7 @@ class Export:
     description: str
     image: Any  # kloset_blocks.image.BlockImage
     stream_ends: OrderedDict[int, None] = field(default_factory=OrderedDict)
+    planned: OrderedDict[int, None] = field(default_factory=OrderedDict)  # block numbers
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -134,6 +150,8 @@ class Server:
         self.exports: dict[str, Export] = {}
         self.default_export = ""
         self._build_lock = threading.Lock()
+        self._planner: ThreadPoolExecutor | None = None
+        self._planner_lock = threading.Lock()
 
     # ---- startup -------------------------------------------------------------------------------
 
@@ -184,6 +202,12 @@ class Server:
 
     def _readahead(self, export: Export, offset: int, length: int) -> None:
         end = offset + length
+        first = end // PLAN_BLOCK
+        last = min(end + self.config.readahead, export.image.size) // PLAN_BLOCK  # inclusive
+        # Blocks planned are remembered for about as many bytes as the cache holds: after that
+        # their chunks may be evicted, and a new pass over them should prefetch again.
+        keep = max(_PLANNED_MIN, self.config.cache // PLAN_BLOCK)
+        new: list[int] = []
         with export.lock:
             sequential = offset in export.stream_ends
             if sequential:
@@ -191,13 +215,38 @@ class Server:
             export.stream_ends[end] = None
             while len(export.stream_ends) > _STREAMS:
                 export.stream_ends.popitem(last=False)
-        if sequential:
-            self.prefetch(export, end, self.config.readahead)
+            if sequential:
+                for block in range(first, last + 1):
+                    if block in export.planned:
+                        export.planned.move_to_end(block)
+                    else:
+                        export.planned[block] = None
+                        new.append(block)
+                while len(export.planned) > keep:
+                    export.planned.popitem(last=False)
+        if new:
+            # The first block may start before `end`: those bytes were just read, so their chunks
+            # are cached and cost only a lookup.
+            self.prefetch(export, new[0] * PLAN_BLOCK, (new[-1] - new[0] + 1) * PLAN_BLOCK)
 
     def prefetch(self, export: Export, offset: int, length: int) -> None:
+        """Prefetch the chunks of [offset, offset+length) of the image, planned in the background."""
         length = max(0, min(length, export.image.size - offset))
         if length:
+            self._planner_pool().submit(self._plan, export, offset, length)
+
+    def _plan(self, export: Export, offset: int, length: int) -> None:
+        # A damaged chunk list is not reported here: the foreground read of those bytes does it.
+        with contextlib.suppress(KlosetError):
             self.cache.prefetch(chunk_macs(export.image, offset, length))
+
+    def _planner_pool(self) -> ThreadPoolExecutor:
+        # Created on first use, after nbdkit's fork (threads do not survive it).
+        if self._planner is None:
+            with self._planner_lock:
+                if self._planner is None:
+                    self._planner = ThreadPoolExecutor(1, thread_name_prefix="kloset-planner")
+        return self._planner
 
     def extents(self, export: Export, offset: int, length: int) -> list[tuple[int, int, bool]]:
         return export.image.extents(offset, length)
@@ -211,6 +260,8 @@ class Server:
         return counters
 
     def cleanup(self) -> None:
+        if self._planner is not None:
+            self._planner.shutdown(wait=True, cancel_futures=True)
         if self.cache is not None:
             self.cache.shutdown()
         if self.config.stats:

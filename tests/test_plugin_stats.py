@@ -9,6 +9,7 @@ import json
 import subprocess
 import sys
 import threading
+from concurrent import futures
 from pathlib import Path
 
 import pytest
@@ -114,6 +115,55 @@ def test_reading_a_file_twice_second_time_all_hits(store: Path) -> None:
     assert second["hits"] - first["hits"] == len(list(data.chunk_ranges(0, data.size)))
     assert second["store_bytes_read"] == first["store_bytes_read"]
     assert second["bytes_decoded"] == first["bytes_decoded"]
+
+
+def drain(server: Server) -> None:
+    """Wait for the readahead planner and then for every fetch it started."""
+    if server._planner is not None:
+        server._planner.submit(lambda: None).result()
+    with server.cache._lock:
+        pending = list(server.cache._inflight.values())
+    futures.wait(pending)
+
+
+def test_random_reads_do_not_prefetch(store: Path) -> None:
+    server = server_for(store)
+    export = server.open("")
+    region = largest_file_region(server)
+    buf = memoryview(bytearray(4096))
+    # Backwards, a chunk apart: never where the previous read ended.
+    for off in range(region.start + region.src_len - 4096, region.start, -(1 << 20)):
+        server.pread(export, buf, off)
+    drain(server)
+    assert server.stats()["prefetched"] == 0
+
+
+def test_sequential_reads_prefetch_ahead_and_plan_each_block_once(store: Path) -> None:
+    server = server_for(store, "readahead=4M")
+    export = server.open("")
+    region = largest_file_region(server)
+    step = 64 << 10
+    buf = memoryview(bytearray(step))
+    for off in range(region.start, region.start + min(region.src_len, 2 << 20) - step, step):
+        server.pread(export, buf, off)
+    drain(server)
+    stats = server.stats()
+    assert stats["prefetched"] > 0
+    # Every chunk fetched once: misses and prefetches never overlap, nothing decoded twice.
+    fetched = stats["misses"] + stats["prefetched"]
+    assert stats["bytes_decoded"] == sum(len(server.store.read_chunk(m)) for m in server.cache._lru)
+    assert fetched == len(server.cache._lru)
+
+
+def test_cache_hint_prefetches_so_the_read_misses_nothing(store: Path) -> None:
+    server = server_for(store, "readahead=0")
+    export = server.open("")
+    region = largest_file_region(server)
+    server.prefetch(export, region.start, region.src_len)
+    drain(server)
+    assert server.stats()["prefetched"] == len(set(region.source.macs))
+    server.pread(export, memoryview(bytearray(region.src_len)), region.start)
+    assert server.stats()["misses"] == 0
 
 
 # ---- through nbdkit ------------------------------------------------------------------------------
