@@ -15,10 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-
-import pgcluster as pc
-
+from kloset_blocks import sample as pc
 from kloset_blocks.commands.run import pg_session
 
 QUERY = ("shop", "select abalance from pgbench_accounts where aid = 77770")  # a point query

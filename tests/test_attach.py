@@ -23,10 +23,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pgcluster as pc
 import pytest
 
 from kloset_blocks import pg
+from kloset_blocks import sample as pc
 from kloset_blocks.attach import AttachError, Chain, loops_on, teardown_all
 from kloset_blocks.commands.run import pg_session
 from kloset_blocks.runtime import RUN_ROOT_ENV, Progress, proc_alive, processes_mentioning

@@ -1,4 +1,5 @@
-# A real, throwaway PostgreSQL cluster for end-to-end tests, and the backups made from it.
+# A real, throwaway PostgreSQL cluster (for the demo, the benchmarks and the end-to-end tests), and
+# the backups made from it.
 #
 # Strategy: initdb as the postgres user in a private temporary directory, a server on a private
 # Unix socket (no TCP), a `shop` database with pgbench -i data plus a small table, then the live
