@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from kloset_blocks.store.codec import Codec
+from kloset_blocks.store.gomode import go_mode_to_st_mode
 from kloset_blocks.store.location import parse_location
 from kloset_blocks.store.passphrase import resolve_passphrase
 from kloset_blocks.store.snapshot import (
@@ -10,7 +11,6 @@ from kloset_blocks.store.snapshot import (
     SnapshotFile,
     SnapshotInfo,
     clean_path,
-    go_mode_to_st_mode,
 )
 from kloset_blocks.store.state import Location, LocationIndex
 from kloset_blocks.store.store import Store, match_prefix, open_store

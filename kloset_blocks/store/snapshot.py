@@ -29,50 +29,15 @@ from typing import TYPE_CHECKING, Any
 from kloset_blocks.errors import CorruptionError, KlosetError, NotFound
 from kloset_blocks.store import codec as c
 from kloset_blocks.store.btree import BTree, to_bytes
+from kloset_blocks.store.gomode import MODE_SYMLINK, go_mode_to_st_mode
 from kloset_blocks.tree import Node
 
 if TYPE_CHECKING:
     from kloset_blocks.store.store import Store
 
-# Go fs.FileMode flag bits (§10.7).
-GO_MODE_DIR = 1 << 31
-GO_MODE_SYMLINK = 1 << 27
-GO_MODE_DEVICE = 1 << 26
-GO_MODE_NAMED_PIPE = 1 << 25
-GO_MODE_SOCKET = 1 << 24
-GO_MODE_SETUID = 1 << 23
-GO_MODE_SETGID = 1 << 22
-GO_MODE_CHAR_DEVICE = 1 << 21
-GO_MODE_STICKY = 1 << 20
-
 ZERO_MAC = bytes(32)
 ENTRY_BATCH = 1024
 TAR_IMPORTERS = ("tar", "tar+gz", "tgz")
-
-
-def go_mode_to_st_mode(go_mode: int, symlink_target: bytes | None = None) -> int:
-    perm = go_mode & 0o7777
-    if go_mode & GO_MODE_SETUID:
-        perm |= stat.S_ISUID
-    if go_mode & GO_MODE_SETGID:
-        perm |= stat.S_ISGID
-    if go_mode & GO_MODE_STICKY:
-        perm |= stat.S_ISVTX
-    if go_mode & GO_MODE_DIR:
-        kind = stat.S_IFDIR
-    elif go_mode & GO_MODE_SYMLINK:
-        kind = stat.S_IFLNK
-    elif go_mode & GO_MODE_NAMED_PIPE:
-        kind = stat.S_IFIFO
-    elif go_mode & GO_MODE_SOCKET:
-        kind = stat.S_IFSOCK
-    elif go_mode & (GO_MODE_DEVICE | GO_MODE_CHAR_DEVICE):
-        kind = stat.S_IFCHR if go_mode & GO_MODE_CHAR_DEVICE else stat.S_IFBLK
-    elif symlink_target:
-        kind = stat.S_IFLNK  # tar symlinks: regular files carrying a target (§17.3)
-    else:
-        kind = stat.S_IFREG
-    return kind | perm
 
 
 def clean_path(path: bytes | str) -> bytes:
@@ -429,7 +394,7 @@ class Snapshot:
     def hardlink_target(self, entry: Entry) -> Entry | None:
         """For a tar hard link (stored as a ModeSymlink relative to the archive root, §17.4): the
         entry of its target when that is a regular file of this snapshot, else None."""
-        if not (self.is_tar and entry.go_mode & GO_MODE_SYMLINK and entry.symlink_target):
+        if not (self.is_tar and entry.go_mode & MODE_SYMLINK and entry.symlink_target):
             return None
         target = clean_path(entry.symlink_target)
         if target == entry.path:
@@ -447,7 +412,7 @@ class Snapshot:
         prefix = b"/" if root == b"/" else root + b"/"
         links: list[Entry] = []
         for _, entry in self.walk(root):
-            if self.is_tar and entry.go_mode & GO_MODE_SYMLINK:
+            if self.is_tar and entry.go_mode & MODE_SYMLINK:
                 links.append(entry)
                 continue
             yield self.node_of(entry)

@@ -39,8 +39,17 @@ from msgpack import Timestamp
 from kloset_blocks import __version__
 from kloset_blocks.errors import KlosetError, PassphraseError, StoreError, UsageError
 from kloset_blocks.store import codec as C
-from kloset_blocks.store import writer_source as S
 from kloset_blocks.store.codec import Codec
+from kloset_blocks.store.gomode import (
+    MODE_DEVICE,
+    MODE_DIR,
+    MODE_NAMED_PIPE,
+    MODE_SETGID,
+    MODE_SETUID,
+    MODE_SOCKET,
+    MODE_STICKY,
+    MODE_SYMLINK,
+)
 from kloset_blocks.store.writer_chunker import (
     check_sizes,
     content_type,
@@ -58,7 +67,7 @@ from kloset_blocks.store.writer_pack import (
     state_stream,
     write_atomic,
 )
-from kloset_blocks.store.writer_source import MODE_DIR, MODE_SETGID, MODE_SETUID, MODE_STICKY, Item
+from kloset_blocks.store.writer_source import Item
 from kloset_blocks.store.writer_source import open_source as _open_source
 
 CONFIG_VERSION = C.pack_version(1, 0, 0)
@@ -464,15 +473,15 @@ _BELOW_KEYS = tuple(k for k in _DIRECTORY_KEYS if k not in ("avg_size", "sum_ent
 
 
 def _kind(mode: int) -> str:
-    if mode & S.MODE_DIR:
+    if mode & MODE_DIR:
         return "directories"
-    if mode & S.MODE_SYMLINK:
+    if mode & MODE_SYMLINK:
         return "symlinks"
-    if mode & S.MODE_DEVICE:
+    if mode & MODE_DEVICE:
         return "devices"
-    if mode & S.MODE_NAMED_PIPE:
+    if mode & MODE_NAMED_PIPE:
         return "pipes"
-    if mode & S.MODE_SOCKET:
+    if mode & MODE_SOCKET:
         return "sockets"
     return "files"
 

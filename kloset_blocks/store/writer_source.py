@@ -31,18 +31,14 @@ from pathlib import Path
 from typing import BinaryIO
 
 from kloset_blocks.errors import KlosetError, UsageError
-
-# Go io/fs.FileMode flag bits (format §10.7)
-MODE_DIR = 1 << 31
-MODE_SYMLINK = 1 << 27
-MODE_DEVICE = 1 << 26
-MODE_NAMED_PIPE = 1 << 25
-MODE_SOCKET = 1 << 24
-MODE_SETUID = 1 << 23
-MODE_SETGID = 1 << 22
-MODE_CHAR_DEVICE = 1 << 21
-MODE_STICKY = 1 << 20
-MODE_TYPE = MODE_DIR | MODE_SYMLINK | MODE_DEVICE | MODE_NAMED_PIPE | MODE_SOCKET | MODE_CHAR_DEVICE
+from kloset_blocks.store.gomode import (
+    MODE_CHAR_DEVICE,
+    MODE_DEVICE,
+    MODE_DIR,
+    MODE_NAMED_PIPE,
+    MODE_SYMLINK,
+    st_mode_to_go_mode,
+)
 
 
 @dataclass(slots=True)
@@ -175,32 +171,11 @@ def _groupname(gid: int) -> bytes:
         return b""
 
 
-def go_mode(st_mode: int) -> int:
-    """POSIX st_mode -> Go fs.FileMode, as os.Lstat builds it."""
-    mode = st_mode & 0o777
-    kind = stat.S_IFMT(st_mode)
-    mode |= {
-        stat.S_IFDIR: MODE_DIR,
-        stat.S_IFLNK: MODE_SYMLINK,
-        stat.S_IFIFO: MODE_NAMED_PIPE,
-        stat.S_IFSOCK: MODE_SOCKET,
-        stat.S_IFCHR: MODE_DEVICE | MODE_CHAR_DEVICE,
-        stat.S_IFBLK: MODE_DEVICE,
-    }.get(kind, 0)
-    if st_mode & stat.S_ISUID:
-        mode |= MODE_SETUID
-    if st_mode & stat.S_ISGID:
-        mode |= MODE_SETGID
-    if st_mode & stat.S_ISVTX:
-        mode |= MODE_STICKY
-    return mode
-
-
 def _dir_item(path: bytes, name: bytes, st: os.stat_result) -> Item:
     return Item(
         path=path,
         name=name,
-        mode=go_mode(st.st_mode),
+        mode=st_mode_to_go_mode(st.st_mode),
         size=st.st_size,
         mtime_ns=st.st_mtime_ns,
         uid=st.st_uid,
