@@ -6,7 +6,10 @@
 #   fork -> after_fork() -> open(export) / pread / extents / cache ... [PARALLEL threads]
 # get_ready opens the store and builds the default export's image (metadata only), so a wrong
 # store, snapshot or passphrase stops nbdkit before it listens. Other snapshots are served as
-# further exports (name = 8-hex id), their images built on first open and then kept.
+# further exports (name = 8-hex id), their images built on first open and then kept. With
+# lazy=true (`kloset-blocks query`) the default export too is built on first open, so one broken
+# snapshot fails only its own exports. cache-dir= puts a DiskCache (diskcache.py) under the
+# ChunkCache: a second tier that persists decoded chunks across runs.
 #
 # Reads: BlockImage.readinto stitches regions; file regions read chunks through one ChunkCache
 # shared by every export (chunks common to several snapshots are fetched once). A read that starts
@@ -49,7 +52,11 @@ label=LABEL        ext4 volume label
 cache=SIZE         decoded-chunk cache (default 512M)
 readahead=SIZE     sequential readahead (default 8M; 0 disables)
 passphrase=-|+FILE passphrase: - prompts, +FILE reads a file (default: $PLAKAR_PASSPHRASE, then a prompt)
-stats=FILE         write cache and fetch counters as JSON to FILE at exit"""
+lazy=true          build every export's image on first open, the default one too (a snapshot that
+                   cannot be served then fails its own open, not nbdkit's start)
+cache-dir=DIR      persistent on-disk chunk cache (zstd entries, MAC-checked on every hit)
+cache-dir-size=SIZE bound of the on-disk cache (default 4G; least recently used entries go first)
+stats=FILE         write cache and fetch counters as JSON to FILE at exit (and when a client closes)"""
 
 # Sequential streams remembered for readahead (the end offsets of recent reads): more than the
 # requests a client keeps in flight, or out-of-order replies hide the streams.
@@ -74,6 +81,9 @@ class PluginConfig:
     readahead: int = 8 << 20
     passphrase: str | None = None
     stats: str | None = None
+    lazy: bool = False
+    cache_dir: str | None = None
+    cache_dir_size: int = 4 << 30
 
     def set(self, key: str, value: str) -> None:
         setter = _SETTERS.get(key)
@@ -129,6 +139,9 @@ _SETTERS: dict[str, Any] = {
     "readahead": lambda c, v: setattr(c, "readahead", parse_size(v)),
     "passphrase": lambda c, v: setattr(c, "passphrase", v),
     "stats": lambda c, v: setattr(c, "stats", v),
+    "lazy": lambda c, v: setattr(c, "lazy", _bool(v)),
+    "cache-dir": lambda c, v: setattr(c, "cache_dir", v),
+    "cache-dir-size": lambda c, v: setattr(c, "cache_dir_size", parse_size(v)),
 }
 
 
@@ -147,6 +160,8 @@ class Server:
         self.config = PluginConfig()
         self.store: Any = None
         self.cache: ChunkCache | None = None
+        self.disk: Any = None  # kloset_blocks.diskcache.DiskCache with cache-dir=
+        self._stats_lock = threading.Lock()
         self.exports: dict[str, Export] = {}
         self.default_export = ""
         self._build_lock = threading.Lock()
@@ -165,10 +180,20 @@ class Server:
         from kloset_blocks.store import open_store
 
         self.store = open_store(self.config.store, passphrase=self.config.passphrase)
-        self.cache = ChunkCache(self.store.read_chunk, max_bytes=self.config.cache)
+        fetch = self.store.read_chunk
+        if self.config.cache_dir:
+            from kloset_blocks.diskcache import DiskCache
+
+            repository_id = bytes(self.store.config.get("RepositoryID") or b"")
+            self.disk = DiskCache(
+                self.config.cache_dir, self.store.codec, repository_id, self.config.cache_dir_size
+            )
+            fetch = self.disk.wrap(fetch)
+        self.cache = ChunkCache(fetch, max_bytes=self.config.cache)
         info = self.store.find_snapshot(self.config.snapshot)
         self.default_export = info.short_id
-        self._export(info.short_id)
+        if not self.config.lazy:
+            self._export(info.short_id)
 
     # ---- exports -------------------------------------------------------------------------------
 
@@ -257,18 +282,33 @@ class Server:
         counters = self.cache.stats.as_dict() if self.cache else {}
         if self.store is not None and hasattr(self.store, "stats"):
             counters.update(self.store.stats())
+        if self.disk is not None:
+            counters.update(self.disk.stats.as_dict())
         return counters
+
+    def close(self, export: Export) -> None:
+        # A client is gone: publish the counters so far (a run serving several exports, like
+        # `kloset-blocks query`, reads them between snapshots without stopping nbdkit).
+        if self.config.stats:
+            self.write_stats()
+
+    def write_stats(self) -> None:
+        assert self.config.stats is not None
+        with self._stats_lock:
+            tmp = self.config.stats + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump(self.stats(), f, indent=1, sort_keys=True)
+            os.replace(tmp, self.config.stats)
 
     def cleanup(self) -> None:
         if self._planner is not None:
             self._planner.shutdown(wait=True, cancel_futures=True)
         if self.cache is not None:
             self.cache.shutdown()
+        if self.disk is not None:
+            self.disk.flush()
         if self.config.stats:
-            tmp = self.config.stats + ".tmp"
-            with open(tmp, "w") as f:
-                json.dump(self.stats(), f, indent=1, sort_keys=True)
-            os.replace(tmp, self.config.stats)
+            self.write_stats()
 
 
 def describe(info: Any) -> str:

@@ -103,6 +103,10 @@ def open(readonly):
         raise
 
 
+def close(h):
+    server.close(h)
+
+
 def export_description(h):
     return h.description
 

@@ -1,0 +1,215 @@
+# The persistent on-disk chunk cache: a second tier under the in-memory ChunkCache, so that a second
+# run over the same snapshots (a second `kloset-blocks query`, a later `psql`) fetches almost
+# nothing from the store.
+#
+# Strategy: one file per decoded chunk, DIR/<RepositoryID hex>/<mac[:1] hex>/<mac hex>, holding
+#   MAGIC (8 bytes) | MAC length (1 byte) | MAC | payload,  payload = codec.encrypt(zstd(chunk))
+# The store's own codec encrypts the entry (identity for a plaintext store), so an encrypted
+# store's chunks never sit in the clear on disk. Entries are written by one background thread
+# (a miss never waits on a disk write; when the writer falls behind, entries are skipped, not
+# queued without bound), each to a temporary file renamed into place, so a reader never sees half
+# an entry. A hit touches the file's mtime; when the total passes `max_bytes`, the oldest entries
+# by mtime are deleted down to 90% of it (LRU-ish, and shared with other processes using the dir).
+#
+# Invariants:
+# - Never returns wrong bytes: every hit is decoded and its MAC recomputed with the store's MAC
+#   function and compared with the key; an entry that fails any check (magic, MAC field, decrypt,
+#   decompress, MAC) is counted, deleted and the chunk fetched from the store as on a miss.
+# - Never fails a read because of the cache: any OSError on the cache path falls back to the store.
+# - Entries of different stores never mix: the directory is per RepositoryID, and MACs are keyed
+#   per store anyway.
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import zstandard
+
+from kloset_blocks.errors import CorruptionError
+
+MAGIC = b"KBDCACH1"
+ZSTD_LEVEL = 3
+MAX_PENDING = 32  # entries waiting for the writer thread; beyond that, misses are not cached
+EVICT_TO = 0.9
+
+
+@dataclass
+class DiskStats:
+    disk_hits: int = 0
+    disk_misses: int = 0
+    disk_corrupt: int = 0
+    disk_written: int = 0
+    disk_skipped: int = 0  # misses not cached because the writer was behind
+    disk_bytes_written: int = 0
+    disk_evicted: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+class DiskCache:
+    def __init__(self, root: Path | str, codec: Any, repository_id: bytes, max_bytes: int) -> None:
+        self.codec = codec
+        self.max_bytes = max_bytes
+        base = Path(root)
+        base.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.dir = base / (repository_id.hex() or "store")
+        self.dir.mkdir(mode=0o700, exist_ok=True)
+        self.stats = DiskStats()
+        self._lock = threading.Lock()
+        self._pending = 0
+        self._writer: ThreadPoolExecutor | None = None
+        self._total = sum(size for _, _, size in self._entries())
+
+    # ---- the fetch path ------------------------------------------------------------------------
+
+    def wrap(self, fetch: Callable[[bytes], bytes]) -> Callable[[bytes], bytes]:
+        """A fetch function that tries the disk first, then `fetch`, and caches what it fetched."""
+
+        def cached_fetch(mac: bytes) -> bytes:
+            chunk = self.load(mac)
+            if chunk is not None:
+                return chunk
+            chunk = fetch(mac)
+            self.save_later(mac, chunk)
+            return chunk
+
+        return cached_fetch
+
+    def path(self, mac: bytes) -> Path:
+        h = mac.hex()
+        return self.dir / h[:2] / h
+
+    def load(self, mac: bytes) -> bytes | None:
+        path = self.path(mac)
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError:
+            self._count("disk_misses")
+            return None
+        try:
+            chunk = self._decode(mac, data)
+        except CorruptionError:
+            self._count("disk_corrupt")
+            with contextlib.suppress(OSError):
+                path.unlink()
+            return None
+        self._count("disk_hits")
+        with contextlib.suppress(OSError):
+            os.utime(path)  # recently used: evicted last
+        return chunk
+
+    def _decode(self, mac: bytes, data: bytes) -> bytes:
+        head = len(MAGIC) + 1
+        if len(data) < head or data[: len(MAGIC)] != MAGIC:
+            raise CorruptionError("bad magic")
+        n = data[len(MAGIC)]
+        if data[head : head + n] != mac:
+            raise CorruptionError("MAC field differs from the key")
+        try:
+            chunk = zstandard.ZstdDecompressor().decompress(self.codec.decrypt(data[head + n :]))
+        except zstandard.ZstdError as e:
+            raise CorruptionError(f"cannot decompress: {e}") from None
+        if self.codec.mac(chunk) != mac:
+            raise CorruptionError("MAC mismatch")
+        return chunk
+
+    def encode(self, mac: bytes, chunk: bytes) -> bytes:
+        payload = self.codec.encrypt(zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(chunk))
+        return MAGIC + bytes([len(mac)]) + mac + payload
+
+    # ---- writing -------------------------------------------------------------------------------
+
+    def save_later(self, mac: bytes, chunk: bytes) -> None:
+        with self._lock:
+            if self._pending >= MAX_PENDING:
+                self.stats.disk_skipped += 1
+                return
+            self._pending += 1
+            if self._writer is None:  # created on first use: nbdkit may fork after startup
+                self._writer = ThreadPoolExecutor(1, thread_name_prefix="kloset-diskcache")
+            writer = self._writer
+        writer.submit(self._save_quietly, mac, chunk)
+
+    def _save_quietly(self, mac: bytes, chunk: bytes) -> None:
+        try:
+            self.save(mac, chunk)
+        except OSError:
+            pass  # a full or read-only disk only costs cache hits later
+        finally:
+            with self._lock:
+                self._pending -= 1
+
+    def save(self, mac: bytes, chunk: bytes) -> None:
+        path = self.path(mac)
+        if path.exists():
+            return
+        data = self.encode(mac, chunk)
+        path.parent.mkdir(mode=0o700, exist_ok=True)
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
+        with self._lock:
+            self.stats.disk_written += 1
+            self.stats.disk_bytes_written += len(data)
+            self._total += len(data)
+            over = self._total > self.max_bytes
+        if over:
+            self.evict()
+
+    def evict(self) -> None:
+        """Delete the least recently used entries (by mtime) down to 90% of max_bytes."""
+        entries = sorted(self._entries())
+        total = sum(size for _, _, size in entries)
+        target = int(self.max_bytes * EVICT_TO)
+        evicted = 0
+        for _, path, size in entries:
+            if total <= target:
+                break
+            with contextlib.suppress(OSError):
+                path.unlink()
+                total -= size
+                evicted += 1
+        with self._lock:
+            self._total = total
+            self.stats.disk_evicted += evicted
+
+    def _entries(self) -> list[tuple[float, Path, int]]:
+        out = []
+        for sub in self.dir.iterdir() if self.dir.is_dir() else ():
+            if not sub.is_dir():
+                continue
+            with os.scandir(sub) as it:
+                for e in it:
+                    if e.name.startswith("."):
+                        continue
+                    with contextlib.suppress(OSError):
+                        st = e.stat()
+                        out.append((st.st_mtime, Path(e.path), st.st_size))
+        return out
+
+    def flush(self) -> None:
+        """Wait for the queued writes (at exit, so that the next run finds them)."""
+        with self._lock:
+            writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.shutdown(wait=True)
+
+    def _count(self, name: str) -> None:
+        with self._lock:
+            setattr(self.stats, name, getattr(self.stats, name) + 1)
