@@ -46,6 +46,10 @@ QCOW2_OPTIONS = "cluster_size=128k,extended_l2=on"
 NBD_SOCKET = "nbd.sock"
 FUSE_FILE = "disk.raw"
 TOOL_TIMEOUT = 60.0
+# In the nbdkit argv, this token stands for the run directory (made only when the chain comes up):
+# the plugin's stats=FILE lives there, and is read back at teardown after nbdkit has written it.
+RUN_DIR_TOKEN = "{run_dir}"
+STATS_FILE = "nbdkit-stats.json"
 
 
 class AttachError(KlosetError):
@@ -201,8 +205,10 @@ class Chain:
         timeout: float = 30.0,
         qcow2_options: str = QCOW2_OPTIONS,
         mount_options: str = "noatime",
+        state: Mapping[str, Any] | None = None,
     ) -> None:
         self.nbdkit_argv = list(nbdkit_argv)
+        self.extra_state = dict(state or {})  # recorded first (e.g. serve.Served.state())
         self.env = dict(env) if env is not None else None
         self.mountpoint_arg = Path(mountpoint).absolute() if mountpoint else None
         self.overlay_arg = Path(overlay).absolute() if overlay else None
@@ -233,6 +239,8 @@ class Chain:
     def up(self) -> Chain:
         self.run = RunDir.create(self.run_root)
         try:
+            if self.extra_state:
+                self.run.record(**self.extra_state)
             with self.progress.phase("serve"):
                 self._serve()
             with self.progress.phase("overlay"):
@@ -263,7 +271,7 @@ class Chain:
         sock = run.private_dir("nbd") / NBD_SOCKET
         self.socket = sock
         log_path = run.path / "nbdkit.log"
-        argv = nbdkit_command(self.nbdkit_argv, sock)
+        argv = nbdkit_command([a.replace(RUN_DIR_TOKEN, str(run.path)) for a in self.nbdkit_argv], sock)
         run.record(socket=str(sock), nbdkit_log=str(log_path))
         # In the foreground nbdkit sets PR_SET_PDEATHSIG (measured on Debian's 1.32.5, with or
         # without --exit-with-parent): it gets SIGTERM when its parent exits. So its parent is a
@@ -418,6 +426,7 @@ def teardown_run_dir(path: Path | str, progress: Progress | None = None) -> list
             ("nbd device", lambda: _disconnect_nbd(st)),
             ("qemu-storage-daemon", lambda: _stop_qsd(st)),
             ("nbdkit", lambda: _stop_nbdkit(st)),
+            ("fetch report", lambda: _report_fetched(path, st, progress)),
             ("fuse view", lambda: _stop_fuse_view(st)),  # hook: kloset_blocks.fuse (issue 7)
             ("stray processes", lambda: _sweep(path)),
             ("files", lambda: _remove_files(path, st)),
@@ -518,6 +527,22 @@ def _disconnect_nbd(st: dict[str, Any]) -> None:
 def _stop_nbdkit(st: dict[str, Any]) -> None:
     stop_process(st.get("nbdkit"))
     stop_process(st.get("nbdkit_keeper"))  # exits with its child; a signal if it has not yet
+
+
+def _report_fetched(path: Path, st: dict[str, Any], progress: Progress) -> None:
+    """The plugin's counters, written by nbdkit as it exited: bytes read from the store against the
+    snapshot's size. Absent (nbdkit was killed, or a stand-in served): nothing to say."""
+    served = st.get("served")
+    if not served:
+        return
+    import json
+
+    try:
+        stats = json.loads((path / served.get("stats", STATS_FILE)).read_text())
+    except (OSError, ValueError):
+        return
+    if "store_bytes_read" in stats:
+        progress.fetched(int(stats["store_bytes_read"]), int(served.get("logical_size") or 0))
 
 
 def _stop_qsd(st: dict[str, Any]) -> None:

@@ -252,6 +252,8 @@ class Progress:
     def __init__(self, quiet: bool = False) -> None:
         self.quiet = quiet
         self.times: dict[str, float] = {}
+        self.fetched_bytes: int | None = None  # from the store, set at teardown (nbdkit's counters)
+        self.logical_size: int | None = None
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
@@ -262,6 +264,13 @@ class Progress:
     def done(self, name: str, seconds: float) -> None:
         self.times[name] = seconds
         self.say(f"{name} {seconds:.2f} s")
+
+    def fetched(self, fetched: int, size: int) -> None:
+        from kloset_blocks.units import format_size
+
+        self.fetched_bytes, self.logical_size = fetched, size
+        share = f" ({100 * fetched / size:.1f} %)" if size else ""
+        self.say(f"fetched {format_size(fetched)} of {format_size(size)}{share} from the store")
 
     def say(self, line: str) -> None:
         if not self.quiet:
