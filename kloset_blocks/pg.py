@@ -72,9 +72,13 @@ def find_data_dir(root: Path) -> Path:
 
 
 def read_major(datadir: Path) -> str:
-    text = (datadir / "PG_VERSION").read_text().strip()
+    return check_major((datadir / "PG_VERSION").read_text().strip(), str(datadir))
+
+
+def check_major(text: str, where: str) -> str:
+    """PG_VERSION's content: a major version ("15", or "9.6" before PostgreSQL 10)."""
     if not re.fullmatch(r"\d+(\.\d+)?", text):
-        raise PgError(f"unexpected PG_VERSION {text!r} in {datadir}")
+        raise PgError(f"unexpected PG_VERSION {text!r} in {where}")
     return text
 
 
