@@ -1,6 +1,7 @@
 # The real `kloset-blocks` CLI with the nbdkit command swapped for a stand-in: nbdkit's C file plugin
 # serving an ext4 image file. Usage: python tests/standin_cli.py IMAGE ARGS...
-# (STORE and SNAP are still parsed, and ignored by the stand-in.)
+# (STORE and SNAP are still parsed, and ignored by the stand-in: serve.prepare, which opens the store
+# and checks the snapshot in-process, is replaced too.)
 from __future__ import annotations
 
 import sys
@@ -10,7 +11,9 @@ from kloset_blocks import cli, serve
 
 def main() -> int:
     image, args = sys.argv[1], sys.argv[2:]
-    serve.nbdkit_argv = lambda *a, **k: (["nbdkit", "file", f"file={image}"], {})  # type: ignore[assignment]
+    argv = ["nbdkit", "file", f"file={image}"]
+    serve.nbdkit_argv = lambda *a, **k: (argv, {})  # type: ignore[assignment]
+    serve.prepare = lambda *a, **k: serve.Served(argv, {})  # type: ignore[assignment]
     return cli.main(args)
 
 

@@ -1,8 +1,10 @@
 # `mount`, `pg start`, `pg stop`, `psql`, `down`: the attach chain and Postgres, for a human.
 #
 # Strategy: each command is a thin argparse handler over a session function that takes the nbdkit
-# command as a parameter (serve.nbdkit_argv for the real plugin; tests pass a stand-in), so the
-# code the tests run is the code the user runs. `mount` and `pg start` leave the chain running
+# command as a parameter (serve.prepare's for the real plugin; tests pass a stand-in), so the
+# code the tests run is the code the user runs. serve.prepare opens the store and checks the
+# snapshot (passphrase, prefix, data directory, server version) in-process first, so those
+# mistakes cost one line and start nothing. `mount` and `pg start` leave the chain running
 # (nbdkit and qemu-storage-daemon in their own sessions, everything recorded in the run directory)
 # for a later `down`/`pg stop`; `psql` tears down when psql ends. Any failure, Ctrl-C, SIGTERM or
 # SIGHUP before that point tears down what was started.
@@ -13,6 +15,7 @@ import os
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from kloset_blocks import pg
 from kloset_blocks.attach import Chain, teardown_all, teardown_run_dir
@@ -37,12 +40,19 @@ def mount_session(
     overlay: Path | str | None = None,
     progress: Progress | None = None,
     run_root: Path | str | None = None,
+    state: Mapping[str, Any] | None = None,
 ) -> Chain:
     """Bring the chain up on a user's mountpoint and leave it running."""
     argv, env = nbdkit
     with signals_unwind():
         return Chain(
-            argv, env=env, mountpoint=mountpoint, overlay=overlay, progress=progress, run_root=run_root
+            argv,
+            env=env,
+            mountpoint=mountpoint,
+            overlay=overlay,
+            progress=progress,
+            run_root=run_root,
+            state=state,
         ).up()
 
 
@@ -54,6 +64,7 @@ def pg_session(
     progress: Progress | None = None,
     run_root: Path | str | None = None,
     settings: Sequence[str] = (),
+    state: Mapping[str, Any] | None = None,
 ) -> tuple[Chain, pg.Server]:
     """Chain + Postgres on its data directory, ready for queries. On any failure (or signal) before
     it is ready, everything started is torn down and the error propagates."""
@@ -61,7 +72,7 @@ def pg_session(
     progress = progress or Progress(quiet=True)
     t0 = time.monotonic()
     with signals_unwind():
-        chain = Chain(argv, env=env, overlay=overlay, progress=progress, run_root=run_root)
+        chain = Chain(argv, env=env, overlay=overlay, progress=progress, run_root=run_root, state=state)
         try:
             chain.up()
             assert chain.mountpoint is not None and chain.run is not None
@@ -90,10 +101,11 @@ def psql_session(
     overlay: Path | str | None = None,
     progress: Progress | None = None,
     run_root: Path | str | None = None,
+    state: Mapping[str, Any] | None = None,
 ) -> int:
     """pg_session, then psql with the user's arguments on the terminal, then teardown."""
     chain, server = pg_session(
-        nbdkit, read_only=read_only, overlay=overlay, progress=progress, run_root=run_root
+        nbdkit, read_only=read_only, overlay=overlay, progress=progress, run_root=run_root, state=state
     )
     with signals_unwind():
         try:
@@ -116,10 +128,19 @@ def stop_sessions(run_root: Path | str | None = None, progress: Progress | None 
 # --- CLI -----------------------------------------------------------------------------------------
 
 
-def _nbdkit_for(args: argparse.Namespace, owner: str | None) -> Nbdkit:
-    from kloset_blocks.serve import nbdkit_argv
+def _served(args: argparse.Namespace, progress: Progress, *, pgdata: bool) -> Any:
+    """serve.prepare for the command's arguments (looked up at call time: tests swap it)."""
+    from kloset_blocks import serve
 
-    return nbdkit_argv(args.store, args.snapshot, path=args.path, owner=owner)
+    return serve.prepare(
+        args.store,
+        args.snapshot,
+        path=getattr(args, "path", None),  # `mount` only; Postgres serves the dir holding PG_VERSION
+        pgdata=pgdata,
+        owner=pg.PG_USER if pgdata else None,
+        passphrase_file=args.passphrase_file,
+        progress=progress,
+    )
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
@@ -137,8 +158,9 @@ def cmd_mount(args: argparse.Namespace) -> int:
             progress=progress,
         )
     else:
+        served = _served(args, progress, pgdata=False)
         chain = mount_session(
-            _nbdkit_for(args, None), args.mountpoint, overlay=args.overlay, progress=progress
+            served.nbdkit, args.mountpoint, overlay=args.overlay, progress=progress, state=served.state()
         )
     assert chain.run is not None
     progress.say(f"mounted on {chain.mountpoint} (run {chain.run.id}); `kloset-blocks down` to undo")
@@ -155,8 +177,13 @@ def _fuse_backend(args: argparse.Namespace) -> bool:
 def cmd_pg_start(args: argparse.Namespace) -> int:
     require_root()
     progress = Progress(args.quiet)
+    served = _served(args, progress, pgdata=True)
     chain, server = pg_session(
-        _nbdkit_for(args, pg.PG_USER), read_only=args.read_only, overlay=args.overlay, progress=progress
+        served.nbdkit,
+        read_only=args.read_only,
+        overlay=args.overlay,
+        progress=progress,
+        state=served.state(),
     )
     assert chain.run is not None
     print(server.connect_hint())
@@ -174,16 +201,29 @@ def cmd_pg_stop(args: argparse.Namespace) -> int:
 
 def cmd_psql(args: argparse.Namespace) -> int:
     require_root()
-    psql_args = list(args.psql_args)
-    if psql_args[:1] == ["--"]:
-        psql_args = psql_args[1:]
+    psql_args = split_psql_args(args)
+    progress = Progress(args.quiet)
+    served = _served(args, progress, pgdata=True)
     return psql_session(
-        _nbdkit_for(args, pg.PG_USER),
+        served.nbdkit,
         psql_args,
         read_only=args.read_only,
         overlay=args.overlay,
-        progress=Progress(args.quiet),
+        progress=progress,
+        state=served.state(),
     )
+
+
+def split_psql_args(args: argparse.Namespace) -> list[str]:
+    """psql's arguments. Everything after SNAP is psql's, except that our own options may come
+    between SNAP and a `--` (`psql STORE SNAP --read-only -- -d shop`): parsed into `args` here."""
+    rest = list(args.psql_args)
+    if "--" not in rest:
+        return rest
+    cut = rest.index("--")
+    if cut:
+        _PSQL_OPTIONS.parse_args(rest[:cut], namespace=args)
+    return rest[cut + 1 :]
 
 
 def cmd_down(args: argparse.Namespace) -> int:
@@ -195,20 +235,16 @@ def cmd_down(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    quiet = argparse.ArgumentParser(add_help=False)
-    quiet.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
-    snap = argparse.ArgumentParser(add_help=False)
+    quiet = _quiet_options()
+    snap = argparse.ArgumentParser(add_help=False, parents=[_snap_options()])
     snap.add_argument("store", metavar="STORE", help="Kloset store, e.g. fs:/var/backups")
     snap.add_argument("snapshot", metavar="SNAP", help="snapshot id (or unique prefix)")
-    snap.add_argument("--path", help="subtree of the snapshot to serve as the filesystem root")
-    snap.add_argument(
-        "--overlay", metavar="FILE", help="keep the qcow2 overlay in FILE (reused if it exists)"
-    )
 
     p = subparsers.add_parser(
         "mount", parents=[quiet, snap], help="mount a snapshot read-write (qcow2 overlay)"
     )
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.add_argument("--path", help="subtree of the snapshot to serve as the filesystem root")
     p.add_argument(
         "--backend",
         choices=["auto", "nbd", "fuse"],
@@ -228,7 +264,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.set_defaults(handler=cmd_pg_stop)
 
     p = subparsers.add_parser(
-        "psql", parents=[quiet, snap], help="psql on a snapshot, nothing restored; tears down at exit"
+        "psql",
+        parents=[quiet, snap],
+        help="psql on a snapshot, nothing restored; tears down at exit",
+        usage="%(prog)s [options] STORE SNAP [options --] [PSQL_ARGS ...]",
     )
     p.add_argument("--read-only", action="store_true", help="default_transaction_read_only=on")
     p.add_argument("psql_args", nargs=argparse.REMAINDER, metavar="PSQL_ARGS", help="passed to psql")
@@ -236,3 +275,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     p = subparsers.add_parser("down", parents=[quiet], help="tear down everything kloset-blocks started")
     p.set_defaults(handler=cmd_down)
+
+
+def _quiet_options() -> argparse.ArgumentParser:
+    quiet = argparse.ArgumentParser(add_help=False)
+    quiet.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
+    return quiet
+
+
+def _snap_options() -> argparse.ArgumentParser:
+    snap = argparse.ArgumentParser(add_help=False)
+    snap.add_argument(
+        "--overlay", metavar="FILE", help="keep the qcow2 overlay in FILE (reused if it exists)"
+    )
+    snap.add_argument(
+        "--passphrase-file",
+        metavar="FILE",
+        help="passphrase of an encrypted store (else $PLAKAR_PASSPHRASE, else a prompt)",
+    )
+    return snap
+
+
+# psql's own options when they follow SNAP (before a `--`): the same definitions, no positionals.
+_PSQL_OPTIONS = argparse.ArgumentParser(
+    prog="kloset-blocks psql", add_help=False, parents=[_quiet_options(), _snap_options()]
+)
+_PSQL_OPTIONS.add_argument("--read-only", action="store_true")
