@@ -419,6 +419,8 @@ def teardown_run_dir(path: Path | str, progress: Progress | None = None) -> list
     with signals_blocked(), _locked(path):
         run = RunDir.load(path)
         st: dict[str, Any] = run.state
+        # Counters are only complete if nbdkit is still running, to be stopped (and write them) now.
+        served_to_the_end = proc_alive(st.get("nbdkit"))
         steps = [
             ("postgres", lambda: _stop_postgres(run)),
             ("umount", lambda: _umount(st)),
@@ -426,7 +428,7 @@ def teardown_run_dir(path: Path | str, progress: Progress | None = None) -> list
             ("nbd device", lambda: _disconnect_nbd(st)),
             ("qemu-storage-daemon", lambda: _stop_qsd(st)),
             ("nbdkit", lambda: _stop_nbdkit(st)),
-            ("fetch report", lambda: _report_fetched(path, st, progress)),
+            ("fetch report", lambda: served_to_the_end and _report_fetched(path, st, progress)),
             ("fuse view", lambda: _stop_fuse_view(st)),  # hook: kloset_blocks.fuse (issue 7)
             ("stray processes", lambda: _sweep(path)),
             ("files", lambda: _remove_files(path, st)),
@@ -531,7 +533,8 @@ def _stop_nbdkit(st: dict[str, Any]) -> None:
 
 def _report_fetched(path: Path, st: dict[str, Any], progress: Progress) -> None:
     """The plugin's counters, written by nbdkit as it exited: bytes read from the store against the
-    snapshot's size. Absent (nbdkit was killed, or a stand-in served): nothing to say."""
+    snapshot's size. Absent or stale (nbdkit was killed: the file may hold the counters of an earlier
+    client's close), or a stand-in served: nothing to say."""
     served = st.get("served")
     if not served:
         return
