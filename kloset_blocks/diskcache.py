@@ -5,11 +5,17 @@
 # Strategy: one file per decoded chunk, DIR/<RepositoryID hex>/<mac[:1] hex>/<mac hex>, holding
 #   MAGIC (8 bytes) | MAC length (1 byte) | MAC | payload,  payload = codec.encrypt(zstd(chunk))
 # The store's own codec encrypts the entry (identity for a plaintext store), so an encrypted
-# store's chunks never sit in the clear on disk. Entries are written by one background thread
-# (a miss never waits on a disk write; when the writer falls behind, entries are skipped, not
-# queued without bound), each to a temporary file renamed into place, so a reader never sees half
-# an entry. A hit touches the file's mtime; when the total passes `max_bytes`, the oldest entries
-# by mtime are deleted down to 90% of it (LRU-ish, and shared with other processes using the dir).
+# store's chunks never sit in the clear on disk. Entries are written by one background thread, so
+# a miss does not wait on a disk write, unless the writer is MAX_PENDING entries behind (a burst of
+# prefetches): then the fetching thread writes its own entry (back-pressure: memory stays bounded
+# and no entry is skipped). Each entry goes to a temporary file renamed into place, so a reader
+# never sees half an entry. A hit touches the file's mtime; when the total passes `max_bytes`, the
+# oldest entries by mtime are deleted down to 90% of it (LRU-ish, shared with other processes
+# using the same directory).
+#
+# Metadata blobs (VFS entries and nodes, objects: every content-addressed type) are cached the
+# same way under DIR/<RepositoryID hex>/t<type>/..., through wrap_store(): once a run's chunks
+# come from the disk, the snapshot metadata a new process must read again is most of what is left.
 #
 # Invariants:
 # - Never returns wrong bytes: every hit is decoded and its MAC recomputed with the store's MAC
@@ -33,6 +39,7 @@ from typing import Any
 import zstandard
 
 from kloset_blocks.errors import CorruptionError
+from kloset_blocks.store.codec import CONTENT_ADDRESSED, RT_CHUNK
 
 MAGIC = b"KBDCACH1"
 ZSTD_LEVEL = 3
@@ -46,7 +53,6 @@ class DiskStats:
     disk_misses: int = 0
     disk_corrupt: int = 0
     disk_written: int = 0
-    disk_skipped: int = 0  # misses not cached because the writer was behind
     disk_bytes_written: int = 0
     disk_evicted: int = 0
 
@@ -83,12 +89,41 @@ class DiskCache:
 
         return cached_fetch
 
-    def path(self, mac: bytes) -> Path:
-        h = mac.hex()
-        return self.dir / h[:2] / h
+    def wrap_store(self, store: Any) -> None:
+        """Route the store's content-addressed metadata reads (read_blob, read_blobs: VFS entries
+        and nodes, objects) through the disk too. Replaces the two bound methods on this one Store
+        instance; other blob types (snapshot headers: random ids, not MAC-checkable) pass through."""
+        read_blob, read_blobs = store.read_blob, store.read_blobs
 
-    def load(self, mac: bytes) -> bytes | None:
-        path = self.path(mac)
+        def cached_read_blob(rtype: int, mac: bytes) -> bytes:
+            if rtype not in CONTENT_ADDRESSED:
+                return read_blob(rtype, mac)
+            data = self.load(mac, rtype)
+            if data is None:
+                data = read_blob(rtype, mac)
+                self.save_later(mac, data, rtype)
+            return data
+
+        def cached_read_blobs(rtype: int, macs: list[bytes]) -> list[bytes]:
+            if rtype not in CONTENT_ADDRESSED:
+                return read_blobs(rtype, macs)
+            out = [self.load(m, rtype) for m in macs]
+            missing = [i for i, d in enumerate(out) if d is None]
+            if missing:  # still one coalesced read for all the misses
+                for i, data in zip(missing, read_blobs(rtype, [macs[i] for i in missing]), strict=True):
+                    out[i] = data
+                    self.save_later(macs[i], data, rtype)
+            return out  # type: ignore[return-value]
+
+        store.read_blob, store.read_blobs = cached_read_blob, cached_read_blobs
+
+    def path(self, mac: bytes, rtype: int = RT_CHUNK) -> Path:
+        h = mac.hex()
+        base = self.dir if rtype == RT_CHUNK else self.dir / f"t{rtype}"
+        return base / h[:2] / h
+
+    def load(self, mac: bytes, rtype: int = RT_CHUNK) -> bytes | None:
+        path = self.path(mac, rtype)
         try:
             with open(path, "rb") as f:
                 data = f.read()
@@ -128,32 +163,36 @@ class DiskCache:
 
     # ---- writing -------------------------------------------------------------------------------
 
-    def save_later(self, mac: bytes, chunk: bytes) -> None:
+    def save_later(self, mac: bytes, chunk: bytes, rtype: int = RT_CHUNK) -> None:
         with self._lock:
-            if self._pending >= MAX_PENDING:
-                self.stats.disk_skipped += 1
-                return
-            self._pending += 1
+            inline = self._pending >= MAX_PENDING  # the writer is behind: write on this thread
+            if not inline:
+                self._pending += 1
+        if inline:
+            with contextlib.suppress(OSError):
+                self.save(mac, chunk, rtype)
+            return
+        with self._lock:
             if self._writer is None:  # created on first use: nbdkit may fork after startup
                 self._writer = ThreadPoolExecutor(1, thread_name_prefix="kloset-diskcache")
             writer = self._writer
-        writer.submit(self._save_quietly, mac, chunk)
+        writer.submit(self._save_quietly, mac, chunk, rtype)
 
-    def _save_quietly(self, mac: bytes, chunk: bytes) -> None:
+    def _save_quietly(self, mac: bytes, chunk: bytes, rtype: int) -> None:
         try:
-            self.save(mac, chunk)
+            self.save(mac, chunk, rtype)
         except OSError:
             pass  # a full or read-only disk only costs cache hits later
         finally:
             with self._lock:
                 self._pending -= 1
 
-    def save(self, mac: bytes, chunk: bytes) -> None:
-        path = self.path(mac)
+    def save(self, mac: bytes, chunk: bytes, rtype: int = RT_CHUNK) -> None:
+        path = self.path(mac, rtype)
         if path.exists():
             return
         data = self.encode(mac, chunk)
-        path.parent.mkdir(mode=0o700, exist_ok=True)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
@@ -191,9 +230,11 @@ class DiskCache:
 
     def _entries(self) -> list[tuple[float, Path, int]]:
         out = []
-        for sub in self.dir.iterdir() if self.dir.is_dir() else ():
-            if not sub.is_dir():
-                continue
+        subs = [p for p in self.dir.iterdir() if p.is_dir()] if self.dir.is_dir() else []
+        subs = [
+            q for p in subs for q in ([x for x in p.iterdir() if x.is_dir()] if p.name[0] == "t" else [p])
+        ]
+        for sub in subs:
             with os.scandir(sub) as it:
                 for e in it:
                     if e.name.startswith("."):

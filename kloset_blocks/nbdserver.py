@@ -189,6 +189,7 @@ class Server:
                 self.config.cache_dir, self.store.codec, repository_id, self.config.cache_dir_size
             )
             fetch = self.disk.wrap(fetch)
+            self.disk.wrap_store(self.store)  # the snapshots' metadata, too
         self.cache = ChunkCache(fetch, max_bytes=self.config.cache)
         info = self.store.find_snapshot(self.config.snapshot)
         self.default_export = info.short_id

@@ -137,3 +137,29 @@ def test_stores_do_not_share_entries(tmp_path: Path) -> None:
     ca, cb = make(a, tmp_path), make(b, tmp_path)
     assert ca.dir != cb.dir and ca.dir.parent == cb.dir.parent
     assert c.RT_CHUNK  # the store's chunk type is what both cache
+
+
+def test_metadata_reads_come_from_disk_the_second_time(tmp_path: Path) -> None:
+    """wrap_store: a walk of a snapshot's tree and its chunk lists reads the store once; a second
+    Store (a new process) with the same cache directory reads only the snapshot header."""
+    from store_helpers import PLAIN, SNAP_A_PLAIN
+
+    from kloset_blocks.store import open_store
+
+    def walk(store: Store) -> list[tuple[bytes, int, list[bytes]]]:
+        snap = store.open_snapshot(SNAP_A_PLAIN)
+        return [(p, e.size, snap.open_file(p).macs if e.is_reg else []) for p, e in snap.walk(b"/")]
+
+    first = open_store(f"fs:{PLAIN}")
+    cache1 = make(first, tmp_path)
+    cache1.wrap_store(first)
+    want = walk(first)
+    cache1.flush()
+    cold = first.stats()["store_bytes_read"]
+    second = open_store(f"fs:{PLAIN}")
+    cache2 = make(second, tmp_path)
+    cache2.wrap_store(second)
+    assert walk(second) == want == walk(plain_store())
+    warm = second.stats()["store_bytes_read"]
+    assert cache2.stats.disk_hits > 1000 and cache2.stats.disk_misses == 0
+    assert warm < cold / 100, (warm, cold)  # the snapshot header only
