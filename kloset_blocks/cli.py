@@ -17,6 +17,7 @@ COMMAND_MODULES = [
     "kloset_blocks.commands.writer",
     "kloset_blocks.commands.run",
     "kloset_blocks.commands.fuse",
+    "kloset_blocks.commands.query",
 ]
 
 
