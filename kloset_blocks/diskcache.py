@@ -30,6 +30,7 @@ import contextlib
 import os
 import secrets
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -45,6 +46,15 @@ MAGIC = b"KBDCACH1"
 ZSTD_LEVEL = 3
 MAX_PENDING = 32  # entries waiting for the writer thread; beyond that, misses are not cached
 EVICT_TO = 0.9
+TOUCH_AFTER = 600.0  # a hit refreshes an entry's mtime only when older than this: one syscall saved
+_local = threading.local()  # zstd (de)compressors are not thread-safe: one pair per thread
+
+
+def _zstd() -> tuple[zstandard.ZstdCompressor, zstandard.ZstdDecompressor]:
+    pair = getattr(_local, "pair", None)
+    if pair is None:
+        pair = _local.pair = (zstandard.ZstdCompressor(level=ZSTD_LEVEL), zstandard.ZstdDecompressor())
+    return pair
 
 
 @dataclass
@@ -127,6 +137,7 @@ class DiskCache:
         try:
             with open(path, "rb") as f:
                 data = f.read()
+                mtime = os.fstat(f.fileno()).st_mtime
         except OSError:
             self._count("disk_misses")
             return None
@@ -138,8 +149,9 @@ class DiskCache:
                 path.unlink()
             return None
         self._count("disk_hits")
-        with contextlib.suppress(OSError):
-            os.utime(path)  # recently used: evicted last
+        if time.time() - mtime > TOUCH_AFTER:
+            with contextlib.suppress(OSError):
+                os.utime(path)  # recently used: evicted last
         return chunk
 
     def _decode(self, mac: bytes, data: bytes) -> bytes:
@@ -150,7 +162,7 @@ class DiskCache:
         if data[head : head + n] != mac:
             raise CorruptionError("MAC field differs from the key")
         try:
-            chunk = zstandard.ZstdDecompressor().decompress(self.codec.decrypt(data[head + n :]))
+            chunk = _zstd()[1].decompress(self.codec.decrypt(data[head + n :]))
         except zstandard.ZstdError as e:
             raise CorruptionError(f"cannot decompress: {e}") from None
         if self.codec.mac(chunk) != mac:
@@ -158,7 +170,7 @@ class DiskCache:
         return chunk
 
     def encode(self, mac: bytes, chunk: bytes) -> bytes:
-        payload = self.codec.encrypt(zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(chunk))
+        payload = self.codec.encrypt(_zstd()[0].compress(chunk))
         return MAGIC + bytes([len(mac)]) + mac + payload
 
     # ---- writing -------------------------------------------------------------------------------
