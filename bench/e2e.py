@@ -1,78 +1,399 @@
-# Time to first query on the attach chain with a stand-in backing (the ceiling of references §3.4):
-# a real cluster at pgbench scale S, pg_basebackup tar -X fetch, an ext4 image by mke2fs -d, served by
-# nbdkit's C file plugin with the stats filter (bytes read from the backing), then N cold runs of
-# `pg_session` + one query, and N restarts on a kept overlay (no recovery).
+# THE end-to-end benchmark: time to the first answer of a point query on a PostgreSQL backup, and the
+# bytes each way costs, for three ways of getting there, side by side on the same snapshots:
 #
-# Usage: .venv/bin/python bench/e2e.py [--scale 1] [--runs 5]   (root; about 10 s at scale 1)
+# - ours: `serve.prepare` (open the store, check the snapshot) + nbdkit with the real plugin (fresh
+#   process each run, so an empty chunk cache) + qcow2 overlay + attach + mount + Postgres recovery +
+#   the query, i.e. what `kloset-blocks psql` does (`pg_session`, in-process); bytes read from the
+#   store's packfiles come from the plugin's `stats=` counters; overlay size after the query.
+# - ours (CLI): the real `kloset-blocks psql STORE SNAP -- -c SQL` in a child process, from its exec to
+#   the first line of psql's output (adds the interpreter start and imports).
+# - ceiling (references §3.4): the same chain over a plain ext4 image of the same backup (mke2fs -d),
+#   served by nbdkit's C `file` plugin with the `stats` filter (bytes read from the backing).
+# - restore: `kloset-blocks restore` of the snapshot into a fresh directory, chown to postgres, the
+#   same Postgres start (recovery) and query; bytes written = allocated size of the directory after.
+#
+# For each pgbench scale: a throwaway cluster (kloset_blocks.sample), `pg_basebackup -F tar -X fetch`,
+# written into a plaintext LZ4 store by the project's writer and into the ext4 stand-in image; the
+# cluster is gone before any measurement. Then N rounds; each round runs every variant once, first
+# with the OS page cache dropped (sync; echo 3 > /proc/sys/vm/drop_caches) before each run, then
+# warm, interleaved so that machine noise hits all variants alike. Every answer is checked against
+# the live server's value (the setup sets abalance = aid % 97 on every tenth row).
+#
+# Usage (root): .venv/bin/python bench/e2e.py [--scales 1 20 100] [--runs 5] [--json out.json]
+# About 2 min at scale 1 and 20, ~10 min at scale 100 with 5 runs (pgbench -i and the store write
+# dominate the setup). Work files under --work (default: a temporary directory, removed).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
+import os
+import platform
 import re
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from kloset_blocks import pg, serve
 from kloset_blocks import sample as pc
+from kloset_blocks.attach import teardown_run_dir
 from kloset_blocks.commands.run import pg_session
+from kloset_blocks.runtime import Progress, RunDir
 
-QUERY = ("shop", "select abalance from pgbench_accounts where aid = 77770")  # a point query
+MiB = 1 << 20
+REPO = Path(__file__).resolve().parent.parent
+VARIANTS = ("ours", "ours-cli", "ceiling", "restore")
 
 
-def one_run(image: Path, stats: Path, overlay: Path | None) -> tuple[float, float, dict[str, float]]:
-    argv = ["nbdkit", "--filter=stats", "file", f"file={image}", f"statsfile={stats}"]
+@dataclass
+class Backup:
+    scale: int
+    store: Path
+    snap: str
+    logical: int  # Store.snapshots() size: the snapshot's bytes
+    store_bytes: int  # on disk
+    image: Path
+    aid: int
+
+    @property
+    def sql(self) -> str:
+        return f"select abalance from pgbench_accounts where aid = {self.aid}"
+
+    @property
+    def expected(self) -> str:
+        return str(self.aid % 97 if self.aid % 10 == 0 else 0)
+
+
+@dataclass
+class Sample:
+    seconds: float
+    bytes: int  # read from the store/backing (ours, ceiling) or written (restore)
+    overlay: int = 0  # allocated bytes of the qcow2 overlay right after the query
+    overlay_end: int = 0  # ... after Postgres' shutdown checkpoint and teardown
+    phases: dict[str, float] = field(default_factory=dict)
+    extra: dict[str, int] = field(default_factory=dict)
+
+
+def allocated(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_blocks * 512
+    total = 0
+    for d, _, files in os.walk(path):
+        for f in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(d, f)).st_blocks * 512
+    return total
+
+
+def drop_caches() -> None:
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def check(answer: str, b: Backup, what: str) -> None:
+    if answer.strip() != b.expected:
+        raise SystemExit(f"{what}: wrong answer {answer!r} (live server: {b.expected})")
+
+
+# --- setup ----------------------------------------------------------------------------------------
+
+
+def build(scale: int, work: Path) -> Backup:
+    from kloset_blocks.store import open_store
+    from kloset_blocks.store.writer import write_store
+
     t0 = time.monotonic()
-    chain, server = pg_session((argv, {}), overlay=overlay)
+    cluster = pc.make_cluster(scale=scale)
     try:
-        server.query(QUERY[1], QUERY[0])
-        ttfq = time.monotonic() - t0
-        phases = dict(chain.progress.times) | dict(server.progress.times)
+        tar = cluster.basebackup(work / "base.tar")
+    finally:
+        cluster.cleanup()
+    t1 = time.monotonic()
+    store = work / "store"
+    snap = write_store(store, tar, passphrase=None, hostname="kloset-blocks-bench")
+    t2 = time.monotonic()
+    src = pc.extract_for_image(tar, work / "x")
+    image = pc.make_ext4_image(src, work / "base.img")
+    shutil.rmtree(src)
+    tar.unlink()
+    with open_store(str(store)) as st:
+        logical = next(i.size for i in st.snapshots() if i.hex_id == snap)
+    aid = (scale * 100000 * 7 // 9) // 10 * 10  # a row the setup updated, in the last third
+    print(
+        f"scale {scale}: cluster+basebackup {t1 - t0:.0f} s, store write {t2 - t1:.0f} s, image "
+        f"{time.monotonic() - t2:.0f} s; snapshot {snap[:8]} {logical / MiB:.0f} MiB, store "
+        f"{allocated(store) / MiB:.0f} MiB, image {image.stat().st_size / MiB:.0f} MiB "
+        f"({allocated(image) / MiB:.0f} MiB allocated)",
+        flush=True,
+    )
+    return Backup(scale, store, snap, logical, allocated(store), image, aid)
+
+
+# --- the variants ---------------------------------------------------------------------------------
+
+
+def run_ours(b: Backup, work: Path) -> Sample:
+    stats, ov = work / "plugin-stats.json", work / "ov.qcow2"
+    for p in (stats, ov):
+        p.unlink(missing_ok=True)
+    progress = Progress(quiet=True)
+    t0 = time.monotonic()
+    served = serve.prepare(f"fs:{b.store}", b.snap, pgdata=True, owner=pg.PG_USER, progress=progress)
+    argv = [f"stats={stats}" if a.startswith("stats=") else a for a in served.argv]
+    chain, server = pg_session((argv, served.env), overlay=ov, progress=progress)
+    try:
+        answer = server.query(b.sql, "shop")
+        seconds = time.monotonic() - t0
+        overlay = allocated(ov)
+        keep_log(server.log, work / "last-ours-postgres.log")
     finally:
         chain.teardown()
+    check(answer, b, "ours")
+    counters = json.loads(stats.read_text())
+    return Sample(
+        seconds, int(counters["store_bytes_read"]), overlay, allocated(ov), dict(progress.times), counters
+    )
+
+
+def run_cli(b: Backup, work: Path) -> Sample:
+    argv = [sys.executable, "-m", "kloset_blocks", "psql", f"fs:{b.store}", b.snap[:12], "--"]
+    argv += ["-XAtq", "-d", "shop", "-c", b.sql]
+    t0 = time.monotonic()
+    proc = subprocess.Popen(
+        argv, cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    assert proc.stdout is not None
+    first = proc.stdout.readline()
+    seconds = time.monotonic() - t0
+    _, err = proc.communicate()
+    if proc.returncode != 0:
+        raise SystemExit(f"kloset-blocks psql exited {proc.returncode}: {err.strip()}")
+    check(first, b, "ours-cli")
+    phases = {m[0]: float(m[1]) for m in re.findall(r"^(\w[\w ]*?) ([\d.]+) s$", err, re.M)}
+    return Sample(seconds, 0, phases=phases)
+
+
+def run_ceiling(b: Backup, work: Path) -> Sample:
+    stats, ov = work / "filter-stats.txt", work / "ov.qcow2"
+    for p in (stats, ov):
+        p.unlink(missing_ok=True)
+    argv = ["nbdkit", "--filter=stats", "file", f"file={b.image}", f"statsfile={stats}"]
+    progress = Progress(quiet=True)
+    t0 = time.monotonic()
+    chain, server = pg_session((argv, {}), overlay=ov, progress=progress)
+    try:
+        answer = server.query(b.sql, "shop")
+        seconds = time.monotonic() - t0
+        overlay = allocated(ov)
+    finally:
+        chain.teardown()
+    check(answer, b, "ceiling")
+    return Sample(seconds, filter_read_bytes(stats), overlay, allocated(ov), dict(progress.times))
+
+
+def filter_read_bytes(stats: Path) -> int:
     text = stats.read_text() if stats.exists() else ""
     m = re.search(r"read: \d+ ops, [\d.]+ s, ([\d.]+) (\w+)", text)
     unit = {"bytes": 1, "B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}
-    read_mib = float(m.group(1)) * unit.get(m.group(2), 1) / (1 << 20) if m else float("nan")
-    return ttfq, read_mib, phases
+    return int(float(m.group(1)) * unit.get(m.group(2), 1)) if m else -1
+
+
+def run_restore(b: Backup, work: Path) -> Sample:
+    dest, runs = work / "restored", work / "runs"
+    shutil.rmtree(dest, ignore_errors=True)
+    phases: dict[str, float] = {}
+    t0 = time.monotonic()
+    subprocess.run(
+        [sys.executable, "-m", "kloset_blocks", "restore", f"fs:{b.store}", b.snap[:12], str(dest)],
+        check=True, cwd=REPO, stdin=subprocess.DEVNULL, capture_output=True,
+    )  # fmt: skip
+    phases["restore"] = time.monotonic() - t0
+    run = None
+    try:
+        t1 = time.monotonic()
+        cluster = pg.locate(dest)
+        uid, gid = pg.pg_ids()
+        pg.fix_ownership(cluster.datadir, uid, gid)  # chown -R postgres, data directory 0700
+        pg.prepare_datadir(cluster.datadir, Progress(quiet=True))
+        phases["chown"] = time.monotonic() - t1
+        run = RunDir.create(runs)
+        server = pg.Server(run, cluster, progress=Progress(quiet=True))
+        t2 = time.monotonic()
+        server.start()
+        phases["start"] = time.monotonic() - t2
+        answer = server.query(b.sql, "shop")
+        seconds = time.monotonic() - t0
+        written = allocated(dest)
+    finally:
+        if run is not None:
+            teardown_run_dir(run.path)
+        shutil.rmtree(dest, ignore_errors=True)
+    check(answer, b, "restore")
+    return Sample(seconds, written, phases=phases)
+
+
+def keep_log(src: Path, dest: Path) -> None:
+    with contextlib.suppress(OSError):
+        shutil.copyfile(src, dest)
+
+
+RUNNERS: dict[str, Callable[[Backup, Path], Sample]] = {
+    "ours": run_ours,
+    "ours-cli": run_cli,
+    "ceiling": run_ceiling,
+    "restore": run_restore,
+}
+
+
+# --- driver and report ----------------------------------------------------------------------------
+
+
+def rounds(b: Backup, work: Path, runs: int, variants: list[str]) -> dict[str, dict[str, list[Sample]]]:
+    results: dict[str, dict[str, list[Sample]]] = {"dropped": {}, "warm": {}}
+    for v in variants:  # warm-up (not kept): binaries, Python modules, first-run effects
+        RUNNERS[v](b, work)
+    for r in range(runs):
+        for cache in ("dropped", "warm"):
+            for v in variants:
+                if cache == "dropped":
+                    drop_caches()
+                s = RUNNERS[v](b, work)
+                results[cache].setdefault(v, []).append(s)
+                print(
+                    f"  round {r + 1} {cache:7} {v:8} {s.seconds:6.2f} s  {s.bytes / MiB:9.2f} MiB",
+                    flush=True,
+                )
+    return results
+
+
+def spread(xs: list[float], fmt: str = "{:.2f}") -> str:
+    lo, hi = fmt.format(min(xs)), fmt.format(max(xs))
+    return f"{fmt.format(statistics.median(xs))} ({lo}-{hi})"
+
+
+def med(ss: list[Sample], attr: str) -> float:
+    return statistics.median(getattr(s, attr) for s in ss)
+
+
+HEADER = (
+    "| page cache | variant | first answer, s: median (min-max) | / ceiling | restore / this "
+    "| read from store or backing, MiB | of snapshot | of store on disk | overlay after query (at end), MiB |"
+)
+
+
+def row(b: Backup, cache: str, v: str, by: dict[str, list[Sample]]) -> str:
+    ss = by[v]
+    t = med(ss, "seconds")
+    vs_ceiling = f"{t / med(by['ceiling'], 'seconds'):.2f}x" if "ceiling" in by else ""
+    vs_restore = f"{med(by['restore'], 'seconds') / t:.1f}x" if "restore" in by and v != "restore" else ""
+    mib = [s.bytes / MiB for s in ss]
+    if v == "restore":
+        byts, share, share_store = (
+            f"written {spread(mib, '{:.0f}')}",
+            f"{100 * med(ss, 'bytes') / b.logical:.0f} %",
+            "",
+        )
+    elif v == "ours-cli":
+        byts, share, share_store = "(as ours)", "", ""
+    else:
+        byts, share = spread(mib), f"{100 * med(ss, 'bytes') / b.logical:.2f} %"
+        share_store = f"{100 * med(ss, 'bytes') / b.store_bytes:.1f} %" if v == "ours" else ""
+    ov = ""
+    if v in ("ours", "ceiling"):
+        ov = f"{spread([s.overlay / MiB for s in ss], '{:.1f}')} ({med(ss, 'overlay_end') / MiB:.1f})"
+    cells = [cache, v, spread([s.seconds for s in ss]), vs_ceiling, vs_restore, byts, share, share_store, ov]
+    return "| " + " | ".join(cells) + " |"
+
+
+COUNTERS = ("store_bytes_read", "store_preads", "misses", "hits", "prefetched", "bytes_decoded")
+
+
+def report(b: Backup, res: dict[str, dict[str, list[Sample]]]) -> str:
+    lines = [
+        f"### pgbench scale {b.scale}: snapshot {b.logical / MiB:.0f} MiB "
+        f"(store {b.store_bytes / MiB:.0f} MiB on disk), `{b.sql}`",
+        "",
+        HEADER,
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    lines += [row(b, cache, v, by) for cache, by in res.items() for v in by]
+    lines.append("")
+    for cache, by in res.items():
+        for v, ss in by.items():
+            ph = ", ".join(
+                f"{k} {statistics.median(s.phases.get(k, 0.0) for s in ss):.2f}" for k in ss[-1].phases
+            )
+            lines.append(f"- phases ({cache}, {v}; medians, s): {ph}")
+    for cache, by in res.items():
+        if "ours" in by:
+            c = by["ours"][-1].extra
+            shown = ", ".join(f"{k} {c[k]}" for k in COUNTERS if k in c)
+            lines.append(f"- plugin counters (last {cache} run of ours): {shown}")
+    return "\n".join(lines) + "\n"
+
+
+def from_json(path: Path) -> str:
+    """Render the tables again from a --json file."""
+    out = []
+    for scale, d in json.loads(path.read_text()).items():
+        b = Backup(int(scale), Path(), d["snapshot"], d["logical"], d["store_bytes"], Path(), d["aid"])
+        res = {c: {v: [Sample(**s) for s in ss] for v, ss in by.items()} for c, by in d["samples"].items()}
+        out.append(report(b, res))
+    return "\n".join(out)
+
+
+def machine() -> str:
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / (1 << 30)
+    return f"{os.cpu_count()} cores, {mem:.0f} GiB, {platform.platform()}, Python {platform.python_version()}"
 
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--scale", type=int, default=1)
+    ap.add_argument("--scales", type=int, nargs="+", default=[1, 20, 100])
     ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    ap.add_argument("--work", type=Path, help="work directory (kept); default: a temporary one, removed")
+    ap.add_argument("--json", type=Path, help="write every sample here")
+    ap.add_argument("--report", type=Path, metavar="JSON", help="only print the tables of a --json file")
     args = ap.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="kb-bench-"))
+    if args.report:
+        print(from_json(args.report))
+        return 0
+    if os.geteuid() != 0:
+        raise SystemExit("run as root (mount, losetup, drop_caches)")
+    base = args.work or Path(tempfile.mkdtemp(prefix="kb-e2e-"))
+    print(f"# {machine()}; {time.strftime('%Y-%m-%d %H:%M')}; runs {args.runs}", flush=True)
+    out: list[str] = []
+    raw: dict[str, object] = {}
     try:
-        cluster = pc.make_cluster(scale=args.scale)
-        try:
-            tar = cluster.basebackup(work / "b.tar")
-        finally:
-            cluster.cleanup()
-        src = pc.extract_for_image(tar, work / "x")
-        image = pc.make_ext4_image(src, work / "b.img")
-        shutil.rmtree(src)
-        size_mib = image.stat().st_blocks * 512 / (1 << 20)
-        print(f"scale {args.scale}: image {image.stat().st_size >> 20} MiB ({size_mib:.0f} MiB allocated)")
-        for label, overlay in (("cold (recovery)", None), ("kept overlay (restart)", work / "ov.qcow2")):
-            if overlay is not None:
-                one_run(image, work / "stats", overlay)  # first start: recovery, then clean stop
-            times, reads = [], []
-            for _ in range(args.runs):
-                ttfq, read, phases = one_run(image, work / "stats", overlay)
-                times.append(ttfq)
-                reads.append(read)
-            print(
-                f"{label:24} first query {min(times):.2f}-{max(times):.2f} s "
-                f"(median {statistics.median(times):.2f}); read from backing "
-                f"{min(reads):.2f}-{max(reads):.2f} MiB; phases: "
-                + " ".join(f"{k} {v:.2f}" for k, v in phases.items())
-            )
-            if overlay is not None:
-                print(f"{'':24} overlay size {overlay.stat().st_blocks * 512 / (1 << 20):.1f} MiB")
+        for scale in args.scales:
+            work = base / f"s{scale}"
+            shutil.rmtree(work, ignore_errors=True)
+            work.mkdir(parents=True)
+            b = build(scale, work)
+            res = rounds(b, work, args.runs, args.variants)
+            text = report(b, res)
+            print(text, flush=True)
+            out.append(text)
+            samples = {c: {v: [s.__dict__ for s in ss] for v, ss in by.items()} for c, by in res.items()}
+            raw[str(scale)] = {
+                "snapshot": b.snap, "logical": b.logical, "store_bytes": b.store_bytes, "aid": b.aid,
+                "samples": samples,
+            }  # fmt: skip
+            if args.json:
+                args.json.write_text(json.dumps(raw, indent=1))
+            if not args.work:
+                shutil.rmtree(work, ignore_errors=True)
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if not args.work:
+            shutil.rmtree(base, ignore_errors=True)
+    print("\n".join(out))
     return 0
 
 
