@@ -12,10 +12,12 @@
 # byte-identical (sha256) after every test.
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
+import select
 import shutil
 import signal
 import subprocess
@@ -376,11 +378,17 @@ def test_killing_nbdkit_mid_query_gives_an_error_and_down_cleans(stores: Stores,
     # pg_sleep first, then a scan of pages nobody has read yet: nbdkit dies in between.
     q = subprocess.Popen(
         ["runuser", "-u", "postgres", "--", "psql", "-XAtq", "-v", "ON_ERROR_STOP=1", "-h", pgrec["sockdir"],
-         "-p", str(pgrec["port"]), "-d", "shop", "-c", "select pg_sleep(0.5)",
+         "-p", str(pgrec["port"]), "-d", "shop", "-c", "select pg_sleep(1.5)",
          "-c", "select sum(abalance) from pgbench_accounts"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd="/",
     )  # fmt: skip
-    time.sleep(0.2)
+    # Kill only once the session is in pg_sleep (connecting reads files too: under load, a kill
+    # right away would fail the connection instead of the query).
+    deadline = time.monotonic() + 30
+    sleeping = "select count(*) from pg_stat_activity where query = 'select pg_sleep(1.5)'"
+    while query_started(state, sleeping, "postgres").stdout.strip() != "1":
+        assert time.monotonic() < deadline and q.poll() is None, "the query never started"
+        time.sleep(0.02)
     os.kill(state["nbdkit"]["pid"], signal.SIGKILL)
     _, err = q.communicate(timeout=60)
     assert q.returncode != 0
@@ -449,3 +457,43 @@ def test_failure_is_one_line_and_leaves_nothing(
         if snap != "nowal":  # found out before anything was started: no progress at all
             assert res.stderr.count("\n") == 1 and time.monotonic() - t0 < 10, res.stderr
         assert_nothing_left(run_root, store)
+
+
+@pytest.mark.parametrize(("typed", "ok"), [(PASSPHRASE, True), ("not it", False)], ids=["right", "wrong"])
+def test_passphrase_prompt_on_the_terminal_before_anything_starts(
+    stores: Stores, run_root: Path, typed: str, ok: bool
+) -> None:
+    import pty
+
+    env = {k: v for k, v in os.environ.items() if k != "PLAKAR_PASSPHRASE"}
+    env.update({RUN_ROOT_ENV: str(run_root), "PAGER": "cat"})
+    argv = [sys.executable, "-m", "kloset_blocks", "psql", str(stores.enc), stores.snaps["Aenc"][:8], "--",
+            "-XAtq", "-d", "shop", "-c", QUERIES["items"][1]]  # fmt: skip
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: a new session whose controlling terminal is the pty
+        os.chdir(REPO)
+        os.execve(sys.executable, argv, env)
+    out = b""
+    try:
+        deadline = time.monotonic() + 60
+        while b"passphrase for" not in out:
+            assert time.monotonic() < deadline, f"no prompt: {out!r}"
+            if select.select([fd], [], [], 1.0)[0]:
+                out += os.read(fd, 1024)
+        assert list(run_root.iterdir()) == [], "something was started before the passphrase was typed"
+        os.write(fd, typed.encode() + b"\n")
+        with contextlib.suppress(OSError):  # EIO once the child has exited
+            while chunk := os.read(fd, 4096):
+                out += chunk
+    finally:
+        _, status = os.waitpid(pid, 0)
+        os.close(fd)
+    text = out.decode(errors="replace")
+    assert PASSPHRASE not in text  # not echoed
+    if ok:
+        assert os.waitstatus_to_exitcode(status) == 0, text
+        assert stores.live["A"]["items"] in text
+    else:
+        assert os.waitstatus_to_exitcode(status) == 1, text
+        assert "kloset-blocks: wrong passphrase for store" in text and "serve " not in text
+    assert_nothing_left(run_root, stores.enc)
