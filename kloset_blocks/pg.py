@@ -202,6 +202,7 @@ class Server:
                 stderr=fd,
                 start_new_session=True,
                 cwd=self.dir,
+                env=child_env(),
             )
         finally:
             os.close(fd)
@@ -292,7 +293,7 @@ class Server:
     def psql(self, args: Sequence[str] = ()) -> int:
         """Interactive or scripted psql on the terminal; returns its exit status. If we are told to
         stop (SIGTERM/SIGHUP raise in our main thread), psql gets SIGTERM (runuser passes it on)."""
-        proc = subprocess.Popen(self.psql_argv(args), cwd="/")
+        proc = subprocess.Popen(self.psql_argv(args), cwd="/", env=child_env())
         try:
             return proc.wait()
         except BaseException:
@@ -340,6 +341,11 @@ def stop_recorded(run: RunDir, timeout: float = 60.0) -> None:
     # Children of a killed postmaster notice on their own; runuser exits with it.
     stop_process(rec.get("runuser"), timeout=5.0)
     run.forget("postgres")
+
+
+def child_env() -> dict[str, str]:
+    """Our environment minus the store's passphrase: the server and psql have no use for it."""
+    return {k: v for k, v in os.environ.items() if k != "PLAKAR_PASSPHRASE"}
 
 
 def relevant_lines(text: str, n: int = 3) -> str:
