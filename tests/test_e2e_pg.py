@@ -324,25 +324,21 @@ def test_reused_overlay_starts_without_recovery(stores: Stores, run_root: Path, 
     assert overlay.is_file(), "a user-given overlay is kept"
 
 
-def test_pg_start_encrypted_passphrase_only_in_environment(
-    stores: Stores, run_root: Path, tmp_path: Path
-) -> None:
-    pwfile = tmp_path / "pw"
-    pwfile.write_text(PASSPHRASE)
-    started = cli(
-        run_root, "pg", "start", "--passphrase-file", str(pwfile), str(stores.enc), stores.snaps["Aenc"][:8]
-    )
+def test_pg_start_encrypted_passphrase_only_in_nbdkits_environment(stores: Stores, run_root: Path) -> None:
+    snap = stores.snaps["Aenc"][:8]
+    started = cli(run_root, "pg", "start", str(stores.enc), snap, env={"PLAKAR_PASSPHRASE": PASSPHRASE})
     assert started.returncode == 0, started.stderr
     assert started.stdout.startswith("psql -h ")
     state = pg_state(run_root)
+    secret = f"PLAKAR_PASSPHRASE={PASSPHRASE}".encode()
     try:
         pid = state["nbdkit"]["pid"]
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
         assert PASSPHRASE.encode() not in cmdline and b"passphrase" not in cmdline
-        assert f"PLAKAR_PASSPHRASE={PASSPHRASE}".encode() in Path(f"/proc/{pid}/environ").read_bytes().split(
-            b"\0"
-        )
+        assert secret in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
         assert b"pgdata=true" in cmdline.split(b"\0")
+        postmaster = state["postgres"]["postmaster"]["pid"]
+        assert b"PLAKAR_PASSPHRASE" not in Path(f"/proc/{postmaster}/environ").read_bytes()
         assert query_started(state, QUERIES["items"][1]).stdout.strip() == stores.live["A"]["items"]
     finally:
         down = cli(run_root, "down")
