@@ -216,9 +216,13 @@ def main() -> int:
         later_max_s = max(x["seconds"] for x in later)
         later_max_pct = max(100 * (x["fetched_bytes"] or 0) / sizes[x["id"]] for x in later)
         warm_pct = 100 * doc_warm["summary"]["fetched_bytes"] / max(1, doc_cold["summary"]["fetched_bytes"])
+        header = ["", "## query across snapshots"]
+        if args.results and args.results.exists() and header[1] in args.results.read_text():
+            header = []  # append only: one section, a subsection per run
         report = [
+            *header,
             "",
-            "## query across snapshots",
+            f"### pgbench scale {args.scale}",
             "",
             f"{time.strftime('%Y-%m-%d %H:%M %Z')}, commit {commit()}, {machine()}.",
             f"Command: `.venv/bin/python bench/bench_query.py --scale {args.scale}` (root). Five",
