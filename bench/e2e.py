@@ -5,6 +5,7 @@
 #   process each run, so an empty chunk cache) + qcow2 overlay + attach + mount + Postgres recovery +
 #   the query, i.e. what `kloset-blocks psql` does (`pg_session`, in-process); bytes read from the
 #   store's packfiles come from the plugin's `stats=` counters; overlay size after the query.
+# - ours-ra0: the same as ours with the plugin's sequential readahead off (readahead=0).
 # - ours (CLI): the real `kloset-blocks psql STORE SNAP -- -c SQL` in a child process, from its exec to
 #   the first line of psql's output (adds the interpreter start and imports).
 # - ceiling (references §3.4): the same chain over a plain ext4 image of the same backup (mke2fs -d),
@@ -16,8 +17,9 @@
 # written into a plaintext LZ4 store by the project's writer and into the ext4 stand-in image; the
 # cluster is gone before any measurement. Then N rounds; each round runs every variant once, first
 # with the OS page cache dropped (sync; echo 3 > /proc/sys/vm/drop_caches) before each run, then
-# warm, interleaved so that machine noise hits all variants alike. Every answer is checked against
-# the live server's value (the setup sets abalance = aid % 97 on every tenth row).
+# warm, interleaved (the order rotated each round) so that machine noise hits all variants alike.
+# Every answer is checked against the live server's value (the setup sets abalance = aid % 97 on
+# every tenth row).
 #
 # Usage (root): .venv/bin/python bench/e2e.py [--scales 1 20 100] [--runs 5] [--json out.json]
 # About 2 min at scale 1 and 20, ~10 min at scale 100 with 5 runs (pgbench -i and the store write
@@ -48,7 +50,8 @@ from kloset_blocks.runtime import Progress, RunDir
 
 MiB = 1 << 20
 REPO = Path(__file__).resolve().parent.parent
-VARIANTS = ("ours", "ours-cli", "ceiling", "restore")
+VARIANTS = ("ours", "ours-cli", "ours-ra0", "ceiling", "restore")
+PLUGIN_ARGS: list[str] = []  # extra key=value for the plugin in `ours` (--plugin-arg), for profiling
 
 
 @dataclass
@@ -138,14 +141,16 @@ def build(scale: int, work: Path) -> Backup:
 # --- the variants ---------------------------------------------------------------------------------
 
 
-def run_ours(b: Backup, work: Path) -> Sample:
+def run_ours(b: Backup, work: Path, extra: tuple[str, ...] = ()) -> Sample:
     stats, ov = work / "plugin-stats.json", work / "ov.qcow2"
     for p in (stats, ov):
         p.unlink(missing_ok=True)
     progress = Progress(quiet=True)
     t0 = time.monotonic()
     served = serve.prepare(f"fs:{b.store}", b.snap, pgdata=True, owner=pg.PG_USER, progress=progress)
-    argv = [f"stats={stats}" if a.startswith("stats=") else a for a in served.argv]
+    argv = (
+        [f"stats={stats}" if a.startswith("stats=") else a for a in served.argv] + PLUGIN_ARGS + list(extra)
+    )
     chain, server = pg_session((argv, served.env), overlay=ov, progress=progress)
     try:
         answer = server.query(b.sql, "shop")
@@ -246,6 +251,8 @@ def keep_log(src: Path, dest: Path) -> None:
 RUNNERS: dict[str, Callable[[Backup, Path], Sample]] = {
     "ours": run_ours,
     "ours-cli": run_cli,
+    # the plugin's sequential readahead off: what the prefetch costs and buys on this workload
+    "ours-ra0": lambda b, work: run_ours(b, work, ("readahead=0",)),
     "ceiling": run_ceiling,
     "restore": run_restore,
 }
@@ -255,16 +262,18 @@ RUNNERS: dict[str, Callable[[Backup, Path], Sample]] = {
 
 
 def rounds(b: Backup, work: Path, runs: int, variants: list[str]) -> dict[str, dict[str, list[Sample]]]:
-    results: dict[str, dict[str, list[Sample]]] = {"dropped": {}, "warm": {}}
+    # table order = the given order
+    results: dict[str, dict[str, list[Sample]]] = {c: {v: [] for v in variants} for c in ("dropped", "warm")}
     for v in variants:  # warm-up (not kept): binaries, Python modules, first-run effects
         RUNNERS[v](b, work)
     for r in range(runs):
         for cache in ("dropped", "warm"):
-            for v in variants:
+            k = r % len(variants)
+            for v in variants[k:] + variants[:k]:
                 if cache == "dropped":
                     drop_caches()
                 s = RUNNERS[v](b, work)
-                results[cache].setdefault(v, []).append(s)
+                results[cache][v].append(s)
                 print(
                     f"  round {r + 1} {cache:7} {v:8} {s.seconds:6.2f} s  {s.bytes / MiB:9.2f} MiB",
                     flush=True,
@@ -299,13 +308,13 @@ def row(b: Backup, cache: str, v: str, by: dict[str, list[Sample]]) -> str:
             f"{100 * med(ss, 'bytes') / b.logical:.0f} %",
             "",
         )
-    elif v == "ours-cli":
+    elif v == "ours-cli":  # the same server as `ours`
         byts, share, share_store = "(as ours)", "", ""
     else:
         byts, share = spread(mib), f"{100 * med(ss, 'bytes') / b.logical:.2f} %"
-        share_store = f"{100 * med(ss, 'bytes') / b.store_bytes:.1f} %" if v == "ours" else ""
+        share_store = f"{100 * med(ss, 'bytes') / b.store_bytes:.1f} %" if v.startswith("ours") else ""
     ov = ""
-    if v in ("ours", "ceiling"):
+    if v in ("ours", "ours-ra0", "ceiling"):
         ov = f"{spread([s.overlay / MiB for s in ss], '{:.1f}')} ({med(ss, 'overlay_end') / MiB:.1f})"
     cells = [cache, v, spread([s.seconds for s in ss]), vs_ceiling, vs_restore, byts, share, share_store, ov]
     return "| " + " | ".join(cells) + " |"
@@ -331,10 +340,11 @@ def report(b: Backup, res: dict[str, dict[str, list[Sample]]]) -> str:
             )
             lines.append(f"- phases ({cache}, {v}; medians, s): {ph}")
     for cache, by in res.items():
-        if "ours" in by:
-            c = by["ours"][-1].extra
-            shown = ", ".join(f"{k} {c[k]}" for k in COUNTERS if k in c)
-            lines.append(f"- plugin counters (last {cache} run of ours): {shown}")
+        for v in ("ours", "ours-ra0"):
+            if v in by:
+                c = by[v][-1].extra
+                shown = ", ".join(f"{k} {c[k]}" for k in COUNTERS if k in c)
+                lines.append(f"- plugin counters (last {cache} run of {v}): {shown}")
     return "\n".join(lines) + "\n"
 
 
@@ -358,10 +368,13 @@ def main() -> int:
     ap.add_argument("--scales", type=int, nargs="+", default=[1, 20, 100])
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    ap.add_argument("--plugin-arg", action="append", default=[], help="e.g. readahead=0 (ours only)")
+    ap.add_argument("--reuse", action="store_true", help="reuse the backups (store, image) left in --work")
     ap.add_argument("--work", type=Path, help="work directory (kept); default: a temporary one, removed")
     ap.add_argument("--json", type=Path, help="write every sample here")
     ap.add_argument("--report", type=Path, metavar="JSON", help="only print the tables of a --json file")
     args = ap.parse_args()
+    PLUGIN_ARGS.extend(args.plugin_arg)
     if args.report:
         print(from_json(args.report))
         return 0
@@ -374,9 +387,15 @@ def main() -> int:
     try:
         for scale in args.scales:
             work = base / f"s{scale}"
-            shutil.rmtree(work, ignore_errors=True)
-            work.mkdir(parents=True)
-            b = build(scale, work)
+            if args.reuse and (work / "backup.json").exists():
+                b = Backup(**json.loads((work / "backup.json").read_text()))
+                b.store, b.image = Path(b.store), Path(b.image)
+            else:
+                shutil.rmtree(work, ignore_errors=True)
+                work.mkdir(parents=True)
+                b = build(scale, work)
+                fields = b.__dict__ | {"store": str(b.store), "image": str(b.image)}
+                (work / "backup.json").write_text(json.dumps(fields))
             res = rounds(b, work, args.runs, args.variants)
             text = report(b, res)
             print(text, flush=True)
