@@ -131,11 +131,12 @@ class Packfiles:
     def _decode(self, rtype: int, mac: bytes, loc: Location, data: bytes) -> bytes:
         if rtype == c.RT_RANDOM:
             return data  # padding is stored raw
+        checked = rtype in c.CONTENT_ADDRESSED
         try:
-            plain = self.codec.decode(data, "")
+            plain = self.codec.decode(data, "", mac_checked=checked)
         except CorruptionError as e:  # the message is built only on failure: this is the hot path
             raise CorruptionError(f"{self._what(rtype, mac, loc)}{e}") from None
-        if rtype in c.CONTENT_ADDRESSED and self.codec.mac(plain) != mac:
+        if checked and self.codec.mac(plain) != mac:
             raise CorruptionError(f"{self._what(rtype, mac, loc)}: MAC mismatch (damaged data)")
         return plain
 
