@@ -11,7 +11,7 @@ APT_PACKAGES=(
   nbdkit nbdkit-plugin-python libnbd-bin python3-libnbd
   qemu-utils qemu-system-common fuse3 python3-pyfuse3
   e2fsprogs postgresql postgresql-contrib
-  python3-venv python3-pip util-linux kmod
+  python3-venv python3-pip util-linux kmod liblz4-1
 )
 
 missing=()
