@@ -49,8 +49,7 @@ def _check_store(store: Store) -> int:
 
 @pytest.mark.parametrize("opener", [plain_store, enc_store], ids=["golden-plain", "golden-enc"])
 def test_golden_fixtures_decode_the_same(opener) -> None:
-    with opener() as store:
-        _check_store(store)
+    _check_store(opener())  # a shared, cached Store: not closed here
 
 
 def _source(root: Path) -> dict[str, bytes]:
