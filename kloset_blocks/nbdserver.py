@@ -144,6 +144,8 @@ _SETTERS: dict[str, Any] = {
     "cache-dir-size": lambda c, v: setattr(c, "cache_dir_size", parse_size(v)),
 }
 
+CONFIG_KEYS = tuple(_SETTERS)
+
 
 @dataclass
 class Export:
@@ -316,4 +318,4 @@ def describe(info: Any) -> str:
     return f"snapshot {info.short_id} of {info.timestamp:%Y-%m-%d %H:%M:%S} ({info.name})"
 
 
-__all__ = ["CONFIG_HELP", "Export", "KlosetError", "PluginConfig", "Server"]
+__all__ = ["CONFIG_HELP", "CONFIG_KEYS", "Export", "KlosetError", "PluginConfig", "Server"]

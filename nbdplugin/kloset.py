@@ -36,7 +36,7 @@ def _add_project_to_path() -> None:
 _add_project_to_path()
 
 from kloset_blocks.errors import KlosetError  # noqa: E402
-from kloset_blocks.nbdserver import CONFIG_HELP, Server  # noqa: E402
+from kloset_blocks.nbdserver import CONFIG_HELP, CONFIG_KEYS, Server  # noqa: E402
 
 server = Server()
 config_help = CONFIG_HELP
@@ -51,7 +51,7 @@ def _fail_startup(e: KlosetError) -> None:
 
 
 def dump_plugin():
-    print("kloset_config_keys=" + ",".join(line.split("=")[0] for line in CONFIG_HELP.splitlines()))
+    print("kloset_config_keys=" + ",".join(CONFIG_KEYS))
     print("kloset_thread_model=parallel")
 
 

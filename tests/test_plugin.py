@@ -7,7 +7,6 @@ from __future__ import annotations
 import random
 import shutil
 import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -274,5 +273,13 @@ def other_chunk(image, mac: bytes) -> bytes:
     raise AssertionError("no other chunk")
 
 
-if __name__ == "__main__":
-    sys.exit(pytest.main([__file__, "-v"]))
+def test_dump_plugin_lists_every_parameter() -> None:
+    from kloset_blocks.nbdserver import CONFIG_KEYS
+
+    out = subprocess.run(
+        ["nbdkit", "python", PLUGIN, "--dump-plugin"], capture_output=True, text=True, check=True, timeout=60
+    ).stdout
+    lines = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+    assert lines["kloset_config_keys"].split(",") == list(CONFIG_KEYS)
+    assert lines["thread_model"] == "parallel"
+    assert {"store", "snapshot", "passphrase", "cache"} <= set(CONFIG_KEYS)
