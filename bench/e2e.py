@@ -348,14 +348,58 @@ def report(b: Backup, res: dict[str, dict[str, list[Sample]]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def from_json(path: Path) -> str:
-    """Render the tables again from a --json file."""
+def summary(all_res: list[tuple[Backup, dict[str, dict[str, list[Sample]]]]]) -> str:
+    """The headline tables across scales: times side by side, then bytes."""
+    names = [v for v in VARIANTS if any(v in res["dropped"] for _, res in all_res)]
+    lines = [
+        "| scale | page cache | " + " | ".join(names) + " | ours / ceiling | restore / ours |",
+        "|---|---|" + "---|" * (len(names) + 2),
+    ]
+    for b, res in all_res:
+        for cache, by in res.items():
+            t = {v: med(ss, "seconds") for v, ss in by.items()}
+            cells = [spread([s.seconds for s in by[v]]) for v in names]
+            r1 = f"{t['ours'] / t['ceiling']:.2f}x" if {"ours", "ceiling"} <= t.keys() else ""
+            r2 = f"{t['restore'] / t['ours']:.1f}x" if {"ours", "restore"} <= t.keys() else ""
+            lines.append(f"| {b.scale} | {cache} | " + " | ".join(cells) + f" | {r1} | {r2} |")
+    lines += [
+        "",
+        "| scale | snapshot | store on disk | ours: read from store (of snapshot) | ours-ra0: read from "
+        "store | ceiling: read from backing | restore: written | overlay after query (after teardown) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    lines += [bytes_row(b, res["dropped"]) for b, res in all_res]
+    return "\n".join(lines) + "\n"
+
+
+def bytes_row(b: Backup, by: dict[str, list[Sample]]) -> str:
+    def mib(v: str, attr: str = "bytes") -> str:
+        return f"{med(by[v], attr) / MiB:.2f} MiB" if v in by else ""
+
+    def share(v: str) -> str:
+        return f"{mib(v)} ({100 * med(by[v], 'bytes') / b.logical:.2f} %)" if v in by else ""
+
+    ov = f"{mib('ours', 'overlay')} ({mib('ours', 'overlay_end')})" if "ours" in by else ""
+    cells = [
+        f"{b.logical / MiB:.0f} MiB", f"{b.store_bytes / MiB:.0f} MiB", share("ours"), share("ours-ra0"),
+        share("ceiling"), f"{med(by['restore'], 'bytes') / MiB:.0f} MiB" if "restore" in by else "", ov,
+    ]  # fmt: skip
+    return f"| {b.scale} | " + " | ".join(cells) + " |"
+
+
+def load_json(path: Path) -> list[tuple[Backup, dict[str, dict[str, list[Sample]]]]]:
     out = []
     for scale, d in json.loads(path.read_text()).items():
         b = Backup(int(scale), Path(), d["snapshot"], d["logical"], d["store_bytes"], Path(), d["aid"])
         res = {c: {v: [Sample(**s) for s in ss] for v, ss in by.items()} for c, by in d["samples"].items()}
-        out.append(report(b, res))
-    return "\n".join(out)
+        out.append((b, res))
+    return out
+
+
+def from_json(path: Path) -> str:
+    """Render the tables again from a --json file."""
+    all_res = load_json(path)
+    return summary(all_res) + "\n" + "\n".join(report(b, res) for b, res in all_res)
 
 
 def machine() -> str:
@@ -384,6 +428,7 @@ def main() -> int:
     print(f"# {machine()}; {time.strftime('%Y-%m-%d %H:%M')}; runs {args.runs}", flush=True)
     out: list[str] = []
     raw: dict[str, object] = {}
+    all_res = []
     try:
         for scale in args.scales:
             work = base / f"s{scale}"
@@ -397,6 +442,7 @@ def main() -> int:
                 fields = b.__dict__ | {"store": str(b.store), "image": str(b.image)}
                 (work / "backup.json").write_text(json.dumps(fields))
             res = rounds(b, work, args.runs, args.variants)
+            all_res.append((b, res))
             text = report(b, res)
             print(text, flush=True)
             out.append(text)
@@ -412,6 +458,7 @@ def main() -> int:
     finally:
         if not args.work:
             shutil.rmtree(base, ignore_errors=True)
+    print(summary(all_res))
     print("\n".join(out))
     return 0
 
