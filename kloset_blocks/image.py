@@ -119,6 +119,13 @@ class BlockImage:
             pos += n
             i += 1
 
+    def file_end(self, offset: int) -> int:
+        """Where the file bytes of the region holding image byte `offset` end: how far a readahead
+        that reads on from `offset` may go (a file's data is one contiguous region). At or before
+        `offset` when that byte is metadata, zeros, or the zero padding of a file's last block."""
+        r = self.regions[bisect_right(self._starts, offset) - 1]
+        return r.start + min(r.src_len, r.length) if r.kind == FILE else r.start
+
     def write_sparse(self, path: str | os.PathLike[str], chunk: int = 1 << 20) -> None:
         """Write the image to `path` as a sparse file: zero regions become holes."""
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)

@@ -12,14 +12,26 @@
 # ChunkCache: a second tier that persists decoded chunks across runs.
 #
 # Reads: BlockImage.readinto stitches regions; file regions read chunks through one ChunkCache
-# shared by every export (chunks common to several snapshots are fetched once). A read that starts
-# where an earlier one ended is sequential: the chunks of the next `readahead` bytes of the image
-# are prefetched in the background. nbdkit's `cache` requests prefetch the same way.
+# shared by every export (chunks common to several snapshots are fetched once). nbdkit's `cache`
+# requests prefetch their range in the background.
 #
-# Readahead stays off the request path. The image is cut into PLAN_BLOCK-sized blocks; a
-# sequential read asks for the blocks of the next `readahead` bytes that were not asked for
-# recently (a bounded LRU of block numbers per export), so each block is planned once however many
-# streams and threads (nbdcopy keeps 64 requests in flight over 4 connections) run over it. The
+# Readahead is adaptive, like the kernel's. A stream is a run of reads each starting where the
+# previous one ended (remembered by its end offset, at most _STREAMS of them). Its first read
+# prefetches nothing; each read that continues it sets the window to the larger of twice the
+# previous window, the request size and RA_MIN, capped at `readahead`, and prefetches from where the
+# stream's earlier prefetches stopped up to `end + window`, but never past the end of the file
+# whose bytes the read ended in (BlockImage.file_end): the files of a Postgres data directory are
+# mostly small, and a fixed 8 MiB window ran from each into its neighbours in the image, decoding
+# 9x the bytes the client read. A read ending in metadata, zeros or padding prefetches nothing.
+# The stream is noted before the read itself, so that the order seen is the order requests arrive
+# in, not the order they complete in (which would split nbdcopy's 64 in-flight requests into
+# short streams that never ramp up).
+#
+# Readahead stays off the request path. The image is cut into PLAN_BLOCK-sized blocks; the blocks
+# a window covers whole are remembered once asked for (a bounded LRU of block numbers per export),
+# so each is planned once however many streams and threads (nbdcopy keeps 64 requests in flight
+# over 4 connections) run over it; the partial blocks at a window's edges may be planned again by
+# another stream, which costs lookups of chunks already cached or queued. The
 # planning (image bytes -> chunk MACs, which may load files' chunk lists from the store) runs on
 # one background "planner" thread; the chunk fetches on the cache's prefetch workers. Planning
 # inline, on every request, over the whole window, made the request threads spend their time
@@ -33,7 +45,7 @@ import threading
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from kloset_blocks.chunks import ChunkCache
 from kloset_blocks.errors import KlosetError, UsageError
@@ -61,6 +73,8 @@ stats=FILE         write cache and fetch counters as JSON to FILE at exit (and w
 # Sequential streams remembered for readahead (the end offsets of recent reads): more than the
 # requests a client keeps in flight, or out-of-order replies hide the streams.
 _STREAMS = 256
+# The smallest readahead window of a sequential stream (the kernel's initial window is 128 KiB too).
+RA_MIN = 128 << 10
 # Readahead granularity, and the smallest number of planned blocks remembered per export.
 PLAN_BLOCK = 1 << 20
 _PLANNED_MIN = 64
@@ -147,12 +161,17 @@ _SETTERS: dict[str, Any] = {
 CONFIG_KEYS = tuple(_SETTERS)
 
 
+class Stream(NamedTuple):
+    window: int  # readahead window of the stream's last read (0 after its first read)
+    planned_to: int  # image offset where the prefetches this stream asked for end
+
+
 @dataclass
 class Export:
     name: str
     description: str
     image: Any  # kloset_blocks.image.BlockImage
-    stream_ends: OrderedDict[int, None] = field(default_factory=OrderedDict)
+    streams: OrderedDict[int, Stream] = field(default_factory=OrderedDict)  # by end offset
     planned: OrderedDict[int, None] = field(default_factory=OrderedDict)  # block numbers
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -224,38 +243,49 @@ class Server:
     # ---- reads ---------------------------------------------------------------------------------
 
     def pread(self, export: Export, buf: memoryview, offset: int) -> None:
-        export.image.readinto(buf, offset)
-        if self.config.readahead:
+        if self.config.readahead and len(buf):
             self._readahead(export, offset, len(buf))
+        export.image.readinto(buf, offset)
 
     def _readahead(self, export: Export, offset: int, length: int) -> None:
         end = offset + length
-        first = end // PLAN_BLOCK
-        last = min(end + self.config.readahead, export.image.size) // PLAN_BLOCK  # inclusive
+        with export.lock:
+            prev = export.streams.pop(offset, None)
+            if prev is None:
+                window, start, limit = 0, end, end
+            else:
+                window = min(self.config.readahead, max(2 * prev.window, length, RA_MIN))
+                start = max(end, prev.planned_to)
+                limit = min(end + window, export.image.file_end(end - 1))
+            export.streams[end] = Stream(window, max(start, limit))
+            while len(export.streams) > _STREAMS:
+                export.streams.popitem(last=False)
+            ranges = self._unplanned(export, start, limit) if start < limit else []
+        for first, stop in ranges:
+            self.prefetch(export, first, stop - first)
+
+    def _unplanned(self, export: Export, start: int, limit: int) -> list[tuple[int, int]]:
+        """The parts of [start, limit) not in a block planned recently, as (start, end) runs; the
+        blocks the range covers whole are remembered as planned. Called under export.lock."""
         # Blocks planned are remembered for about as many bytes as the cache holds: after that
         # their chunks may be evicted, and a new pass over them should prefetch again.
         keep = max(_PLANNED_MIN, self.config.cache // PLAN_BLOCK)
-        new: list[int] = []
-        with export.lock:
-            sequential = offset in export.stream_ends
-            if sequential:
-                del export.stream_ends[offset]
-            export.stream_ends[end] = None
-            while len(export.stream_ends) > _STREAMS:
-                export.stream_ends.popitem(last=False)
-            if sequential:
-                for block in range(first, last + 1):
-                    if block in export.planned:
-                        export.planned.move_to_end(block)
-                    else:
-                        export.planned[block] = None
-                        new.append(block)
-                while len(export.planned) > keep:
-                    export.planned.popitem(last=False)
-        if new:
-            # The first block may start before `end`: those bytes were just read, so their chunks
-            # are cached and cost only a lookup.
-            self.prefetch(export, new[0] * PLAN_BLOCK, (new[-1] - new[0] + 1) * PLAN_BLOCK)
+        planned = export.planned
+        runs: list[tuple[int, int]] = []
+        for block in range(start // PLAN_BLOCK, (limit - 1) // PLAN_BLOCK + 1):
+            if block in planned:
+                planned.move_to_end(block)
+                continue
+            lo, hi = max(start, block * PLAN_BLOCK), min(limit, (block + 1) * PLAN_BLOCK)
+            if hi - lo == PLAN_BLOCK:
+                planned[block] = None
+            if runs and runs[-1][1] == lo:
+                runs[-1] = (runs[-1][0], hi)
+            else:
+                runs.append((lo, hi))
+        while len(planned) > keep:
+            planned.popitem(last=False)
+        return runs
 
     def prefetch(self, export: Export, offset: int, length: int) -> None:
         """Prefetch the chunks of [offset, offset+length) of the image, planned in the background."""
