@@ -14,29 +14,47 @@
 #   frame's xxh32 checksums (the keyed MAC over the plaintext is the stronger check and follows).
 #   Anything unusual in the frame falls back to python-lz4's frame decoder, so both paths give the
 #   same bytes or the same kind of error.
+# - Imports are lazy where a store may not need them (startup of the nbdkit plugin is on the
+#   time-to-first-query path): cryptography only for an encrypted store, zstandard/gzip/python-lz4's
+#   frame module only when the store's compression (or the LZ4 fallback) asks for them, and liblz4 is
+#   opened by its soname before falling back to ctypes.util.find_library (which runs ldconfig).
 # - msgpack: timestamp=0 (msgpack.Timestamp, robust outside years 1..9999), strings are Go byte
 #   strings decoded with surrogateescape so any name round-trips to the same bytes.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
-import gzip
 import hashlib
 import hmac
 import os
 import struct
 from collections.abc import Callable
+from types import SimpleNamespace
 from typing import Any
 
 import blake3
-import lz4.frame
 import msgpack
-import zstandard
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import keywrap
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM, AESGCMSIV
 
 from kloset_blocks.errors import CorruptionError, PassphraseError, StoreError
+
+
+def _crypto() -> Any:
+    """The cryptography primitives, imported on first use (a plaintext store never needs them)."""
+    global _CRYPTO
+    if _CRYPTO is None:
+        from cryptography.exceptions import InvalidTag
+        from cryptography.hazmat.primitives import keywrap
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM, AESGCMSIV
+
+        _CRYPTO = SimpleNamespace(
+            AESGCM=AESGCM,
+            AESGCMSIV=AESGCMSIV,
+            keywrap=keywrap,
+            errors=(InvalidTag, keywrap.InvalidUnwrap, ValueError),
+        )
+    return _CRYPTO
+
+
+_CRYPTO: Any = None
 
 RT_CONFIG = 1
 RT_LOCK = 2
@@ -233,13 +251,14 @@ _SUBKEY_PREFIX = {"AES256-KW": 40, "AES256-GCM": 60}
 
 
 def _encrypt(master: bytes, plain: bytes, subkey_algorithm: str, segment: int) -> bytes:
+    cr = _crypto()
     subkey = os.urandom(32)
     if subkey_algorithm == "AES256-KW":
-        out = [keywrap.aes_key_wrap(master, subkey)]
+        out = [cr.keywrap.aes_key_wrap(master, subkey)]
     else:
         nonce = os.urandom(12)
-        out = [nonce + AESGCM(master).encrypt(nonce, subkey, None)]
-    aead = AESGCMSIV(subkey)
+        out = [nonce + cr.AESGCM(master).encrypt(nonce, subkey, None)]
+    aead = cr.AESGCMSIV(subkey)
     view = memoryview(plain)
     for start in range(0, len(plain), segment):
         nonce = os.urandom(12)
@@ -252,11 +271,12 @@ def _decrypt(master: bytes, blob: bytes, subkey_algorithm: str, segment: int) ->
     prefix = _SUBKEY_PREFIX[subkey_algorithm]
     if len(blob) < prefix:
         raise ValueError(f"encrypted blob too short ({len(blob)} bytes)")
+    cr = _crypto()
     if subkey_algorithm == "AES256-KW":
-        subkey = keywrap.aes_key_unwrap(master, blob[:40])
+        subkey = cr.keywrap.aes_key_unwrap(master, blob[:40])
     else:
-        subkey = AESGCM(master).decrypt(blob[:12], blob[12:60], None)
-    aead = AESGCMSIV(subkey)
+        subkey = cr.AESGCM(master).decrypt(blob[:12], blob[12:60], None)
+    aead = cr.AESGCMSIV(subkey)
     step = segment + 28
     view = memoryview(blob)
     out = []
@@ -274,11 +294,12 @@ def _decrypt_into_one(master: bytes, blob: bytes, subkey_algorithm: str, segment
     prefix = _SUBKEY_PREFIX[subkey_algorithm]
     if len(blob) < prefix:
         raise ValueError(f"encrypted blob too short ({len(blob)} bytes)")
+    cr = _crypto()
     if subkey_algorithm == "AES256-KW":
-        subkey = keywrap.aes_key_unwrap(master, blob[:40])
+        subkey = cr.keywrap.aes_key_unwrap(master, blob[:40])
     else:
-        subkey = AESGCM(master).decrypt(blob[:12], blob[12:60], None)
-    aead = AESGCMSIV(subkey)
+        subkey = cr.AESGCM(master).decrypt(blob[:12], blob[12:60], None)
+    aead = cr.AESGCMSIV(subkey)
     step = segment + 28
     body = len(blob) - prefix
     nseg, rest = divmod(body, step)
@@ -306,7 +327,7 @@ def verify_canary(
 ) -> bool:
     try:
         _decrypt(key, canary, subkey_algorithm, segment)
-    except (InvalidTag, keywrap.InvalidUnwrap, ValueError):
+    except _crypto().errors:
         return False
     return True
 
@@ -316,6 +337,8 @@ def verify_canary(
 
 def _lz4_compress(data: bytes) -> bytes:
     # As pierrec/lz4 NewWriter defaults: 4 MiB independent blocks, content checksum, no size.
+    import lz4.frame
+
     return lz4.frame.compress(
         data,
         block_size=lz4.frame.BLOCKSIZE_MAX4MB,
@@ -329,6 +352,8 @@ def _lz4_decompress(data: bytes) -> bytes:
     # Streamed in 4 MiB pieces (Go's block size): lz4.frame.decompress() without a content size
     # in the frame (Go never writes one) peaks at ~9x the output while growing its buffer; this
     # peaks at ~2x and measured faster too.
+    import lz4.frame
+
     d = lz4.frame.LZ4FrameDecompressor()
     out = []
     stalled = 0
@@ -347,14 +372,19 @@ def _lz4_decompress(data: bytes) -> bytes:
 _LZ4_MAGIC = 0x184D2204
 _LZ4_WINDOW = 64 << 10
 _U32 = struct.Struct("<I")
+_SMALL_BLOCK = 64 << 10  # compressed bytes
 
 
 def _load_liblz4() -> Any:
-    name = ctypes.util.find_library("lz4") or "liblz4.so.1"
     try:
-        lib = ctypes.CDLL(name)
+        lib = ctypes.CDLL("liblz4.so.1")
     except OSError:
-        return None
+        from ctypes.util import find_library
+
+        try:
+            lib = ctypes.CDLL(find_library("lz4") or "liblz4.so.1")
+        except OSError:
+            return None
     sig = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
     lib.LZ4_decompress_safe.argtypes = sig
     lib.LZ4_decompress_safe.restype = ctypes.c_int
@@ -423,6 +453,14 @@ def _lz4_decompress_fast(data: bytes | bytearray) -> bytes:
     if len(blocks) == 1 and blocks[0][2]:
         start, size, _ = blocks[0]
         return bytes(memoryview(data)[start : start + size])
+    if len(blocks) == 1 and blocks[0][1] <= _SMALL_BLOCK:
+        # Small blobs (VFS entries, tree nodes: thousands at startup): python-lz4's block call is
+        # ~1 us where the ctypes path below costs ~10 us in argument conversion. Same liblz4
+        # LZ4_decompress_safe, same bound (bmax), so the same bytes or an error.
+        from lz4.block import decompress
+
+        start, size, _ = blocks[0]
+        return decompress(memoryview(data)[start : start + size], uncompressed_size=bmax)
     out = _new_buffer(max(1, sum(size if raw else bmax for _, size, raw in blocks)))
     src, dst = _address(data), _address(out)
     linked = not flg & 32
@@ -447,12 +485,16 @@ def _lz4_decompress_fast(data: bytes | bytearray) -> bytes:
 
 def _zstd_compress(data: bytes) -> bytes:
     # klauspost's streaming encoder writes nothing for empty input.
+    import zstandard
+
     return zstandard.ZstdCompressor().compress(data) if data else b""
 
 
 def _zstd_decompress(data: bytes) -> bytes:
     if not data:
         return b""
+    import zstandard
+
     obj = zstandard.ZstdDecompressor().decompressobj()
     out = obj.decompress(data)
     if not obj.eof:
@@ -462,12 +504,20 @@ def _zstd_decompress(data: bytes) -> bytes:
 
 def _gzip_decompress(data: bytes) -> bytes:
     # One gzip member, fully consumed; gzip.decompress checks CRC32 and ISIZE.
+    import gzip
+
     return gzip.decompress(data)
+
+
+def _gzip_compress(data: bytes) -> bytes:
+    import gzip
+
+    return gzip.compress(data, compresslevel=6, mtime=0)
 
 
 _COMPRESSORS: dict[str, tuple[Callable[[bytes], bytes], Callable[[bytes], bytes]]] = {
     "LZ4": (_lz4_compress, _lz4_decompress),
-    "GZIP": (lambda d: gzip.compress(d, compresslevel=6, mtime=0), _gzip_decompress),
+    "GZIP": (_gzip_compress, _gzip_decompress),
     "ZSTD": (_zstd_compress, _zstd_decompress),
 }
 
@@ -541,7 +591,7 @@ class Codec:
             return data
         try:
             return _decrypt(self.key, data, self.subkey_algorithm, self.segment)  # type: ignore[arg-type]
-        except (InvalidTag, keywrap.InvalidUnwrap, ValueError) as e:
+        except _crypto().errors as e:
             raise CorruptionError(f"{what}: cannot decrypt: {_short(e) or 'authentication failed'}") from None
 
     def encode(self, plain: bytes) -> bytes:
@@ -556,7 +606,7 @@ class Codec:
         if self.encrypted:
             try:
                 data = _decrypt_into_one(self.key, blob, self.subkey_algorithm, self.segment)  # type: ignore[arg-type]
-            except (InvalidTag, keywrap.InvalidUnwrap, ValueError) as e:
+            except _crypto().errors as e:
                 reason = _short(e) or "authentication failed"
                 raise CorruptionError(f"{what}: cannot decrypt: {reason}") from None
         if self.compression == "LZ4":
