@@ -442,6 +442,18 @@ def _lz4_blocks(data: bytes | bytearray) -> tuple[int, int, list[tuple[int, int,
     return flg, bmax, blocks
 
 
+def _lz4_block() -> Callable[..., bytes]:
+    global _LZ4_BLOCK_DECOMPRESS
+    if _LZ4_BLOCK_DECOMPRESS is None:
+        from lz4.block import decompress
+
+        _LZ4_BLOCK_DECOMPRESS = decompress
+    return _LZ4_BLOCK_DECOMPRESS
+
+
+_LZ4_BLOCK_DECOMPRESS: Callable[..., bytes] | None = None
+
+
 def _lz4_decompress_fast(data: bytes | bytearray) -> bytes:
     """LZ4 frame -> plaintext without checksum checks (the caller checks a MAC over the result)."""
     parsed = _lz4_blocks(data) if _LIBLZ4 is not None else None
@@ -457,10 +469,8 @@ def _lz4_decompress_fast(data: bytes | bytearray) -> bytes:
         # Small blobs (VFS entries, tree nodes: thousands at startup): python-lz4's block call is
         # ~1 us where the ctypes path below costs ~10 us in argument conversion. Same liblz4
         # LZ4_decompress_safe, same bound (bmax), so the same bytes or an error.
-        from lz4.block import decompress
-
         start, size, _ = blocks[0]
-        return decompress(memoryview(data)[start : start + size], uncompressed_size=bmax)
+        return _lz4_block()(memoryview(data)[start : start + size], uncompressed_size=bmax)
     out = _new_buffer(max(1, sum(size if raw else bmax for _, size, raw in blocks)))
     src, dst = _address(data), _address(out)
     linked = not flg & 32
