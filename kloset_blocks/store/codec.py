@@ -268,29 +268,12 @@ def _encrypt(master: bytes, plain: bytes, subkey_algorithm: str, segment: int) -
 
 def _decrypt(master: bytes, blob: bytes, subkey_algorithm: str, segment: int) -> bytes:
     """Raises InvalidTag / InvalidUnwrap / ValueError on a wrong key or damaged bytes."""
-    prefix = _SUBKEY_PREFIX[subkey_algorithm]
-    if len(blob) < prefix:
-        raise ValueError(f"encrypted blob too short ({len(blob)} bytes)")
-    cr = _crypto()
-    if subkey_algorithm == "AES256-KW":
-        subkey = cr.keywrap.aes_key_unwrap(master, blob[:40])
-    else:
-        subkey = cr.AESGCM(master).decrypt(blob[:12], blob[12:60], None)
-    aead = cr.AESGCMSIV(subkey)
-    step = segment + 28
-    view = memoryview(blob)
-    out = []
-    for start in range(prefix, len(blob), step):
-        piece = view[start : start + step]
-        if len(piece) < 28:
-            raise ValueError("truncated encrypted segment")
-        out.append(aead.decrypt(bytes(piece[:12]), bytes(piece[12:]), None))
-    return out[0] if len(out) == 1 else b"".join(out)
+    return bytes(_decrypt_into_one(master, blob, subkey_algorithm, segment))
 
 
 def _decrypt_into_one(master: bytes, blob: bytes, subkey_algorithm: str, segment: int) -> bytearray:
-    """As _decrypt, each segment decrypted straight into its place in one buffer (no per-segment
-    ciphertext copies, no join)."""
+    """Each segment decrypted straight into its place in one buffer (no per-segment ciphertext
+    copies, no join)."""
     prefix = _SUBKEY_PREFIX[subkey_algorithm]
     if len(blob) < prefix:
         raise ValueError(f"encrypted blob too short ({len(blob)} bytes)")
