@@ -1,5 +1,10 @@
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,3 +18,27 @@ FIXTURES = SHARED / "fixtures"
 def fixtures_dir() -> Path:
     assert FIXTURES.is_dir(), f"../shared/fixtures not found beside the repo at {FIXTURES}"
     return FIXTURES
+
+
+@contextlib.contextmanager
+def private_run_root(prefix: str) -> Iterator[Path]:
+    """A run root of our own for the chains a test starts (KLOSET_BLOCKS_RUN_ROOT), so that a `down`
+    there cannot touch anyone else's chains and "nothing left behind" is checkable. Postgres must
+    traverse it: 0711."""
+    root = Path("/run/kloset-blocks-test") / f"{prefix}-{uuid.uuid4().hex[:8]}"
+    root.mkdir(parents=True)
+    os.chmod(root.parent, 0o711)
+    os.chmod(root, 0o711)
+    yield root
+    from kloset_blocks.attach import teardown_all
+
+    leftovers = list(root.iterdir())
+    teardown_all(root)
+    shutil.rmtree(root, ignore_errors=True)
+    assert not leftovers, f"run directories left behind: {leftovers}"
+
+
+@pytest.fixture
+def run_root(request: pytest.FixtureRequest) -> Iterator[Path]:
+    with private_run_root(request.module.__name__.rsplit(".", 1)[-1]) as root:
+        yield root

@@ -10,15 +10,13 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from kloset_blocks.attach import teardown_all
 from kloset_blocks.runtime import RUN_ROOT_ENV
-from tests.conftest import REPO
+from tests.conftest import REPO, private_run_root
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
@@ -29,15 +27,8 @@ ITEMS = [i for i in range(1, 51) if i % 7]
 
 @pytest.fixture(scope="module")
 def run_root() -> Iterator[Path]:
-    root = Path("/run/kloset-blocks-test") / f"demo-{uuid.uuid4().hex[:8]}"
-    root.mkdir(parents=True)
-    os.chmod(root.parent, 0o711)
-    os.chmod(root, 0o711)
-    yield root
-    leftovers = list(root.iterdir())
-    teardown_all(root)
-    root.rmdir()
-    assert not leftovers
+    with private_run_root("demo") as root:
+        yield root
 
 
 @pytest.fixture(scope="module")

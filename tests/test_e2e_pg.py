@@ -23,7 +23,6 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +31,6 @@ from typing import Any
 import pytest
 
 from kloset_blocks import sample
-from kloset_blocks.attach import teardown_all
 from kloset_blocks.runtime import RUN_ROOT_ENV, proc_alive, processes_mentioning
 from kloset_blocks.store import codec as c
 from kloset_blocks.store.writer import add_snapshot, write_store
@@ -145,21 +143,6 @@ def stores_unchanged(stores: Stores) -> Iterator[None]:
     yield
     for root, digest in stores.digests.items():
         assert tree_digest(root) == digest, f"{root} changed"
-
-
-@pytest.fixture
-def run_root() -> Iterator[Path]:
-    # A private root per test (postgres must traverse it: 0711), so a `down` here cannot touch
-    # anyone else's chains and "nothing left" is checkable.
-    root = Path("/run/kloset-blocks-test") / f"e2e-{uuid.uuid4().hex[:8]}"
-    root.mkdir(parents=True)
-    os.chmod(root.parent, 0o711)
-    os.chmod(root, 0o711)
-    yield root
-    leftovers = list(root.iterdir())
-    teardown_all(root)
-    shutil.rmtree(root, ignore_errors=True)
-    assert not leftovers, f"run directories left behind: {leftovers}"
 
 
 def cli(

@@ -17,7 +17,6 @@ import shutil
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +25,6 @@ from typing import Any
 import pytest
 
 from kloset_blocks import sample
-from kloset_blocks.attach import teardown_all
 from kloset_blocks.runtime import RUN_ROOT_ENV, processes_mentioning
 from kloset_blocks.store import codec as c
 from kloset_blocks.store import open_store
@@ -102,19 +100,6 @@ def snaps(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Snaps]:
     s.digest = tree_digest(s.store)
     yield s
     assert tree_digest(s.store) == s.digest, "the store changed"
-
-
-@pytest.fixture
-def run_root() -> Iterator[Path]:
-    root = Path("/run/kloset-blocks-test") / f"query-{uuid.uuid4().hex[:8]}"
-    root.mkdir(parents=True)
-    os.chmod(root.parent, 0o711)
-    os.chmod(root, 0o711)
-    yield root
-    leftovers = list(root.iterdir())
-    teardown_all(root)
-    shutil.rmtree(root, ignore_errors=True)
-    assert not leftovers, f"run directories left behind: {leftovers}"
 
 
 def query(
