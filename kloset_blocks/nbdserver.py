@@ -62,7 +62,8 @@ uid=N gid=N        give every inode to this uid/gid
 free=SIZE          virtual free space in the image (default: max(1G, data size))
 label=LABEL        ext4 volume label
 cache=SIZE         decoded-chunk cache (default 512M)
-readahead=SIZE     sequential readahead (default 8M; 0 disables)
+readahead=SIZE     cap of the sequential readahead window, which grows from the request size and
+                   stops at the end of the file being read (default 8M; 0 disables)
 passphrase=-|+FILE passphrase: - prompts, +FILE reads a file (default: $PLAKAR_PASSPHRASE, then a prompt)
 lazy=true          build every export's image on first open, the default one too (a snapshot that
                    cannot be served then fails its own open, not nbdkit's start)
