@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from kloset_blocks.nbdserver import Server
+
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared"
 FIXTURES = SHARED / "fixtures"
@@ -42,3 +44,14 @@ def private_run_root(prefix: str) -> Iterator[Path]:
 def run_root(request: pytest.FixtureRequest) -> Iterator[Path]:
     with private_run_root(request.module.__name__.rsplit(".", 1)[-1]) as root:
         yield root
+
+
+def server_for(store: Path, *params: str, snapshot: str = "bf6afbae") -> Server:
+    """The nbdkit plugin's Server, configured and ready, in this process (golden-plain snapshot A by
+    default): for tests of the plugin's logic without nbdkit."""
+    server = Server()
+    for key, value in (("store", str(store)), ("snapshot", snapshot), *(p.split("=", 1) for p in params)):
+        server.configure(key, value)
+    server.config_complete()
+    server.get_ready()
+    return server

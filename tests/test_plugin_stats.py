@@ -18,7 +18,7 @@ from kloset_blocks.export import chunk_macs
 from kloset_blocks.nbdserver import Server
 from kloset_blocks.store import codec as c
 from kloset_blocks.store import open_store
-from tests.conftest import REPO
+from tests.conftest import REPO, server_for
 
 PLUGIN = str(REPO / "nbdplugin" / "kloset.py")
 SNAP_A = "bf6afbae"
@@ -27,15 +27,6 @@ SNAP_A = "bf6afbae"
 @pytest.fixture(scope="module")
 def store(fixtures_dir: Path) -> Path:
     return fixtures_dir / "golden-plain"
-
-
-def server_for(store: Path, *params: str) -> Server:
-    server = Server()
-    for key, value in (("store", str(store)), ("snapshot", SNAP_A), *(p.split("=", 1) for p in params)):
-        server.configure(key, value)
-    server.config_complete()
-    server.get_ready()
-    return server
 
 
 def image_of(server: Server):

@@ -14,6 +14,7 @@ import pytest
 from kloset_blocks.export import chunk_macs
 from kloset_blocks.ext4.layout import BYTES, FILE, ZERO
 from kloset_blocks.nbdserver import RA_MIN, Server
+from tests.conftest import server_for
 
 SNAP_A = "bf6afbae"
 KiB, MiB = 1 << 10, 1 << 20
@@ -22,15 +23,6 @@ KiB, MiB = 1 << 10, 1 << 20
 @pytest.fixture(scope="module")
 def store(fixtures_dir: Path) -> Path:
     return fixtures_dir / "golden-plain"
-
-
-def server_for(store: Path, *params: str) -> Server:
-    server = Server()
-    for key, value in (("store", str(store)), ("snapshot", SNAP_A), *(p.split("=", 1) for p in params)):
-        server.configure(key, value)
-    server.config_complete()
-    server.get_ready()
-    return server
 
 
 def settle(server: Server) -> None:
