@@ -27,6 +27,7 @@ from kloset_blocks.export import ImageOptions, snapshot_image
 from kloset_blocks.ext4.layout import ZERO
 from kloset_blocks.runtime import Progress
 from tests.store_helpers import ENC, PASSPHRASE, PLAIN, PYTHON, REPO, manifest, plain_store
+from tests.writer_helpers import add_member
 
 SNAP_A = "bf6afbae"
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mount, losetup)")
@@ -347,12 +348,7 @@ def _typed_tar() -> bytes:
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
 
         def add(name: str, kind: bytes, mode: int, data: bytes = b"", **kw: object) -> None:
-            ti = tarfile.TarInfo(name)
-            ti.type, ti.mode, ti.uid, ti.gid, ti.mtime = kind, mode, UID, GID, MTIME
-            for k, v in kw.items():
-                setattr(ti, k, v)
-            ti.size = len(data) if kind == tarfile.REGTYPE else 0
-            tar.addfile(ti, io.BytesIO(data) if kind == tarfile.REGTYPE else None)
+            add_member(tar, name, kind, mode, data, uid=UID, gid=GID, mtime=MTIME, **kw)
 
         add("d", tarfile.DIRTYPE, 0o755)
         add("d/f", tarfile.REGTYPE, 0o4755, b"hello")

@@ -21,6 +21,7 @@ from tests.store_helpers import (
     manifest,
     run_cli,
 )
+from tests.writer_helpers import add_member
 
 BIG = "/base/16384/16397"
 UID, GID = 1234, 5678
@@ -111,13 +112,8 @@ def _tar_bytes() -> bytes:
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
 
         def add(name: str, kind: bytes, mode: int, data: bytes = b"", **kw: object) -> None:
-            ti = tarfile.TarInfo(name)
-            ti.type, ti.mode, ti.uid, ti.gid, ti.mtime = kind, mode, UID, GID, MTIME
-            ti.uname, ti.gname = "u", "g"
-            for k, v in kw.items():
-                setattr(ti, k, v)
-            ti.size = len(data) if kind == tarfile.REGTYPE else 0
-            tar.addfile(ti, io.BytesIO(data) if kind == tarfile.REGTYPE else None)
+            attrs = {"uid": UID, "gid": GID, "mtime": MTIME, "uname": "u", "gname": "g", **kw}
+            add_member(tar, name, kind, mode, data, **attrs)
 
         add("d", tarfile.DIRTYPE, 0o755)
         add("d/f", tarfile.REGTYPE, 0o4755, b"hello")

@@ -3,9 +3,11 @@ plain file reads) and of a written store (the project's reader), to compare."""
 
 from __future__ import annotations
 
+import io
 import os
 import random
 import stat
+import tarfile
 from pathlib import Path
 
 from kloset_blocks.store import open_store
@@ -70,3 +72,16 @@ def rand_bytes(seed: int, size: int) -> bytes:
         else:
             out += rng.randbytes(rng.randrange(1, 5000))
     return bytes(out[:size])
+
+
+def add_member(
+    tar: tarfile.TarFile, name: str, kind: bytes, mode: int, data: bytes = b"", **attrs: object
+) -> None:
+    """Add one tar member of any type: `data` is a regular file's content; `attrs` set any other
+    TarInfo field (uid, gid, mtime, uname, linkname, devmajor, ...)."""
+    ti = tarfile.TarInfo(name)
+    ti.type, ti.mode = kind, mode
+    for k, v in attrs.items():
+        setattr(ti, k, v)
+    ti.size = len(data) if kind == tarfile.REGTYPE else 0
+    tar.addfile(ti, io.BytesIO(data) if kind == tarfile.REGTYPE else None)
