@@ -56,6 +56,9 @@ def _crypto() -> Any:
 
 _CRYPTO: Any = None
 
+# Decoded data as the fast paths return it: bytes, or a buffer they did not copy into bytes.
+Buffer = bytes | bytearray | memoryview
+
 RT_CONFIG = 1
 RT_LOCK = 2
 RT_STATE = 3
@@ -437,8 +440,10 @@ def _lz4_block() -> Callable[..., bytes]:
 _LZ4_BLOCK_DECOMPRESS: Callable[..., bytes] | None = None
 
 
-def _lz4_decompress_fast(data: bytes | bytearray) -> bytes:
-    """LZ4 frame -> plaintext without checksum checks (the caller checks a MAC over the result)."""
+def _lz4_decompress_fast(data: bytes | bytearray) -> Buffer:
+    """LZ4 frame -> plaintext without checksum checks (the caller checks a MAC over the result).
+    No copy beyond the decoder's own writes: a frame of one stored block is returned as a view of
+    `data`, and the output buffer (sized for the blocks' bound) is trimmed in place."""
     parsed = _lz4_blocks(data) if _LIBLZ4 is not None else None
     if parsed is None:
         return _lz4_decompress(bytes(data))
@@ -447,7 +452,7 @@ def _lz4_decompress_fast(data: bytes | bytearray) -> bytes:
         return b""
     if len(blocks) == 1 and blocks[0][2]:
         start, size, _ = blocks[0]
-        return bytes(memoryview(data)[start : start + size])
+        return memoryview(data)[start : start + size]
     if len(blocks) == 1 and blocks[0][1] <= _SMALL_BLOCK:
         # Small blobs (VFS entries, tree nodes: thousands at startup): python-lz4's block call is
         # ~1 us where the ctypes path below costs ~10 us in argument conversion. Same liblz4
@@ -473,7 +478,8 @@ def _lz4_decompress_fast(data: bytes | bytearray) -> bytes:
         if got < 0:
             raise ValueError("corrupt LZ4 block")
         n += got
-    return bytes(memoryview(out)[:n])
+    del out[n:]  # shrinks the allocation in place (realloc), no copy
+    return out
 
 
 def _zstd_compress(data: bytes) -> bytes:
@@ -590,9 +596,10 @@ class Codec:
     def encode(self, plain: bytes) -> bytes:
         return self.encrypt(self.compress(plain))
 
-    def decode(self, blob: bytes, what: str = "blob", mac_checked: bool = False) -> bytes:
+    def decode(self, blob: bytes, what: str = "blob", mac_checked: bool = False) -> Buffer:
         """`mac_checked`: the caller checks a MAC over the result, so the compressed stream's own
-        checksums may be skipped (LZ4: faster path, see the module comment)."""
+        checksums may be skipped (LZ4: faster path, see the module comment), and the result may
+        be a buffer the fast path did not copy (a view of a stored block, a trimmed bytearray)."""
         if not mac_checked:
             return self.decompress(self.decrypt(blob, what), what)
         data: bytes | bytearray = blob

@@ -124,11 +124,11 @@ class Packfiles:
             f"missing packfile {last.filename if last else '?'} for {c.rt_name(rtype)} blob {mac.hex()}"
         )
 
-    def read(self, rtype: int, mac: bytes) -> bytes:
+    def read(self, rtype: int, mac: bytes) -> c.Buffer:
         loc, data = self.read_encoded(rtype, mac)
         return self._decode(rtype, mac, loc, data)
 
-    def _decode(self, rtype: int, mac: bytes, loc: Location, data: bytes) -> bytes:
+    def _decode(self, rtype: int, mac: bytes, loc: Location, data: bytes) -> c.Buffer:
         if rtype == c.RT_RANDOM:
             return data  # padding is stored raw
         checked = rtype in c.CONTENT_ADDRESSED

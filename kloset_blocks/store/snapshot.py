@@ -222,7 +222,7 @@ class SnapshotFile:
                 pos += n
             i += 1
 
-    def chunk(self, index: int) -> bytes:
+    def chunk(self, index: int) -> c.Buffer:
         """The decoded chunk `index`, length-checked."""
         data = self.snapshot.fetch_chunk(self.macs[index])
         want = self.offsets[index + 1] - self.offsets[index]
@@ -278,7 +278,7 @@ class Snapshot:
     def __init__(self, store: Store, info: SnapshotInfo) -> None:
         self.store = store
         self.info = info
-        self.fetch_chunk: Callable[[bytes], bytes] = store.read_chunk
+        self.fetch_chunk: Callable[[bytes], c.Buffer] = store.read_chunk
         self.vfs = BTree(store, c.RT_VFS_BTREE, c.RT_VFS_NODE, info.vfs_root, f"snapshot {info.short_id} vfs")
         self.is_tar = info.importer_type in TAR_IMPORTERS
 

@@ -103,14 +103,14 @@ class Store:
         """The blob as stored (encoded), for benchmarks and diagnostics."""
         return self.packfiles.read_encoded(rtype, mac)[1]
 
-    def read_blob(self, rtype: int, mac: bytes) -> bytes:
+    def read_blob(self, rtype: int, mac: bytes) -> c.Buffer:
         """One blob, decoded; MAC-checked for content-addressed types."""
         return self.packfiles.read(rtype, mac)
 
     def read_blobs(self, rtype: int, macs: Sequence[bytes]) -> list[bytes]:
         return self.packfiles.read_many(rtype, macs)
 
-    def read_chunk(self, mac: bytes) -> bytes:
+    def read_chunk(self, mac: bytes) -> c.Buffer:
         return self.packfiles.read(c.RT_CHUNK, mac)
 
     def stats(self) -> dict[str, int]:
