@@ -35,16 +35,19 @@
 # planning (image bytes -> chunk MACs, which may load files' chunk lists from the store) runs on
 # one background "planner" thread; the chunk fetches on the cache's prefetch workers. Planning
 # inline, on every request, over the whole window, made the request threads spend their time
-# rescanning the same chunks and queueing on the per-file lock of unloaded chunk lists.
+# rescanning the same chunks and queueing on the per-file lock of unloaded chunk lists. Requests
+# hand ranges to the planner through a SimpleQueue (put() never blocks nor takes a Python-level
+# lock; ThreadPoolExecutor.submit() takes a process-wide one, a convoy under nbdkit's threads).
 from __future__ import annotations
 
+import _thread
 import contextlib
 import json
 import os
 import threading
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from queue import Empty, SimpleQueue
 from typing import Any, NamedTuple
 
 from kloset_blocks.chunks import ChunkCache
@@ -187,7 +190,10 @@ class Server:
         self.exports: dict[str, Export] = {}
         self.default_export = ""
         self._build_lock = threading.Lock()
-        self._planner: ThreadPoolExecutor | None = None
+        # Planner work: (export, offset, length) to plan, a held lock to release once reached
+        # (settle), or None to stop.
+        self._plans: SimpleQueue[tuple[Export, int, int] | Any | None] = SimpleQueue()
+        self._planner: threading.Thread | None = None
         self._planner_lock = threading.Lock()
 
     # ---- startup -------------------------------------------------------------------------------
@@ -292,20 +298,47 @@ class Server:
         """Prefetch the chunks of [offset, offset+length) of the image, planned in the background."""
         length = max(0, min(length, export.image.size - offset))
         if length:
-            self._planner_pool().submit(self._plan, export, offset, length)
+            self._start_planner()
+            self._plans.put((export, offset, length))
 
-    def _plan(self, export: Export, offset: int, length: int) -> None:
-        # A damaged chunk list is not reported here: the foreground read of those bytes does it.
-        with contextlib.suppress(KlosetError):
-            self.cache.prefetch(chunk_macs(export.image, offset, length))
+    def settle(self) -> None:
+        """Return once every prefetch asked for so far is planned and fetched."""
+        if self._planner is not None:
+            reached = _thread.allocate_lock()
+            reached.acquire()
+            self._plans.put(reached)
+            reached.acquire()  # the planner releases it: everything queued before is planned
+        if self.cache is not None:
+            self.cache.wait_idle()
 
-    def _planner_pool(self) -> ThreadPoolExecutor:
-        # Created on first use, after nbdkit's fork (threads do not survive it).
+    def _plan_loop(self) -> None:
+        while (work := self._plans.get()) is not None:
+            if not isinstance(work, tuple):
+                work.release()
+                continue
+            export, offset, length = work
+            # A damaged chunk list is not reported here: the foreground read of those bytes does it.
+            with contextlib.suppress(KlosetError):
+                self.cache.prefetch(chunk_macs(export.image, offset, length))
+
+    def _start_planner(self) -> None:
+        # Started on first use, after nbdkit's fork (threads do not survive it).
         if self._planner is None:
             with self._planner_lock:
                 if self._planner is None:
-                    self._planner = ThreadPoolExecutor(1, thread_name_prefix="kloset-planner")
-        return self._planner
+                    planner = threading.Thread(target=self._plan_loop, name="kloset-planner", daemon=True)
+                    planner.start()
+                    self._planner = planner
+
+    def _drop_queued_plans(self) -> None:
+        # At exit, planning what nobody will read is wasted time; waiters of settle() still wake.
+        while True:
+            try:
+                work = self._plans.get_nowait()
+            except Empty:
+                return
+            if work is not None and not isinstance(work, tuple):
+                work.release()
 
     def extents(self, export: Export, offset: int, length: int) -> list[tuple[int, int, bool]]:
         return export.image.extents(offset, length)
@@ -336,7 +369,10 @@ class Server:
 
     def cleanup(self) -> None:
         if self._planner is not None:
-            self._planner.shutdown(wait=True, cancel_futures=True)
+            self._drop_queued_plans()
+            self._plans.put(None)
+            self._planner.join()
+            self._planner = None
         if self.cache is not None:
             self.cache.shutdown()
         if self.disk is not None:

@@ -61,7 +61,7 @@ def test_lru_is_bounded_in_bytes() -> None:
     cache = ChunkCache(source, max_bytes=10 * 1024)
     for i in range(50):
         cache.get(mac(i))
-    assert cache._lru.currsize <= 10 * 1024
+    assert cache.cached_bytes <= 10 * 1024
     cache.get(mac(49))  # most recent: still cached
     assert source.calls[mac(49)] == 1
     cache.get(mac(0))  # evicted long ago: fetched again
@@ -100,3 +100,25 @@ def test_prefetch_fills_the_cache_in_background_and_get_joins_it() -> None:
     assert all(source.calls[mac(i)] == 2 for i in range(4))  # one prefetch + one by the assertion
     assert cache.stats.prefetched == 4 and cache.stats.misses == 0
     cache.shutdown()
+
+
+def test_counters_are_exact_under_many_threads() -> None:
+    # The hit path takes no lock: the counters must still add up (a `+= 1` would lose some).
+    source = CountingSource(size=64)
+    cache = ChunkCache(source)
+    macs = [mac(i) for i in range(8)]
+    for m in macs:
+        cache.get(m)
+
+    def hammer() -> None:
+        for _ in range(5000):
+            for m in macs:
+                cache.get(m)
+
+    threads = [threading.Thread(target=hammer) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert cache.stats.misses == 8 and cache.stats.hits == 8 * 5000 * 8
+    assert all(source.calls[m] == 1 for m in macs)

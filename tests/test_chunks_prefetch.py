@@ -1,6 +1,6 @@
 # ChunkCache prefetch queue: a foreground get() takes over a prefetch no worker has started (so it
 # never waits behind the queue), and shutdown() fails cancelled prefetches instead of leaving
-# their futures pending forever (a later get() of that chunk would hang).
+# them pending forever (a later get() of that chunk would hang).
 from __future__ import annotations
 
 import threading

@@ -9,7 +9,6 @@ import json
 import subprocess
 import sys
 import threading
-from concurrent import futures
 from pathlib import Path
 
 import pytest
@@ -110,11 +109,7 @@ def test_reading_a_file_twice_second_time_all_hits(store: Path) -> None:
 
 def drain(server: Server) -> None:
     """Wait for the readahead planner and then for every fetch it started."""
-    if server._planner is not None:
-        server._planner.submit(lambda: None).result()
-    with server.cache._lock:
-        pending = list(server.cache._inflight.values())
-    futures.wait(pending)
+    server.settle()
 
 
 def test_random_reads_do_not_prefetch(store: Path) -> None:
@@ -142,8 +137,8 @@ def test_sequential_reads_prefetch_ahead_and_plan_each_block_once(store: Path) -
     assert stats["prefetched"] > 0
     # Every chunk fetched once: misses and prefetches never overlap, nothing decoded twice.
     fetched = stats["misses"] + stats["prefetched"]
-    assert stats["bytes_decoded"] == sum(len(server.store.read_chunk(m)) for m in server.cache._lru)
-    assert fetched == len(server.cache._lru)
+    assert stats["bytes_decoded"] == sum(len(server.store.read_chunk(m)) for m in server.cache.cached_macs())
+    assert fetched == len(server.cache.cached_macs())
 
 
 def test_cache_hint_prefetches_so_the_read_misses_nothing(store: Path) -> None:

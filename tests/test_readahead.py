@@ -6,7 +6,6 @@
 # counts do not depend on thread timing.
 from __future__ import annotations
 
-from concurrent import futures
 from pathlib import Path
 
 import pytest
@@ -27,15 +26,7 @@ def store(fixtures_dir: Path) -> Path:
 
 def settle(server: Server) -> None:
     """Wait until every prefetch asked for so far has been planned and fetched."""
-    server._planner_pool().submit(lambda: None).result()  # one planner thread: FIFO
-    cache = server.cache
-    assert cache is not None
-    while True:
-        with cache._lock:
-            pending = list(cache._inflight.values())
-        if not pending:
-            return
-        futures.wait(pending)
+    server.settle()
 
 
 def read(server: Server, offset: int, length: int) -> None:
@@ -55,7 +46,7 @@ def file_macs(server: Server, region) -> set[bytes]:
 
 def cached(server: Server) -> set[bytes]:
     assert server.cache is not None
-    return set(server.cache._lru.keys())
+    return set(server.cache.cached_macs())
 
 
 @pytest.fixture(scope="module")

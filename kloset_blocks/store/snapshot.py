@@ -233,8 +233,11 @@ class SnapshotFile:
             )
         return data
 
-    def iter_read(self, offset: int = 0, length: int | None = None, readahead: int = 0) -> Iterator[bytes]:
-        """The bytes of a range, one piece per chunk: for streaming without holding the range.
+    def iter_read(
+        self, offset: int = 0, length: int | None = None, readahead: int = 0
+    ) -> Iterator[c.Buffer]:
+        """The bytes of a range, one piece (bytes or a buffer) per chunk: for streaming without
+        holding the range.
         With readahead > 0, up to that many following chunks are fetched and decoded on the
         store's worker threads meanwhile (the codecs release the GIL): memory stays at
         readahead + 1 chunks."""
@@ -247,7 +250,7 @@ class SnapshotFile:
                 yield data if start == 0 and n == len(data) else data[start : start + n]
             return
         pool = self.snapshot.store.executor
-        pending: deque[Future[bytes]] = deque()
+        pending: deque[Future[c.Buffer]] = deque()
         queued = 0
         try:
             for _, start, n in ranges:
@@ -262,7 +265,9 @@ class SnapshotFile:
 
     def read(self, offset: int, length: int) -> bytes:
         pieces = list(self.iter_read(offset, length))
-        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        if len(pieces) == 1 and isinstance(pieces[0], bytes):
+            return pieces[0]
+        return b"".join(pieces)  # also turns a chunk's view or bytearray into bytes
 
     def readinto(self, offset: int, out: memoryview) -> None:
         """Fill `out` with the bytes at `offset`, copied straight from the decoded chunks: the
