@@ -64,7 +64,8 @@ owner=USER         give every inode to USER (default: postgres when serving a Po
 uid=N gid=N        give every inode to this uid/gid
 free=SIZE          virtual free space in the image (default: max(1G, data size))
 label=LABEL        ext4 volume label
-cache=SIZE         decoded-chunk cache (default 512M)
+cache=SIZE         decoded-chunk cache (default 512M); chunks used once share at most a quarter of
+                   it (64M at most), so a long scan does not push out chunks used again
 readahead=SIZE     cap of the sequential readahead window, which grows from the request size and
                    stops at the end of the file being read (default 8M; 0 disables)
 passphrase=-|+FILE passphrase: - prompts, +FILE reads a file (default: $PLAKAR_PASSPHRASE, then a prompt)

@@ -33,6 +33,14 @@ PLUGIN = REPO / "nbdplugin" / "kloset.py"
 PASSPHRASE_ENV = "PLAKAR_PASSPHRASE"
 
 
+# nbdkit threads a connection. The plugin is PARALLEL, but Python runs one thread at a time (the
+# GIL): nbdkit's default of 16 a connection puts up to 64 threads in the plugin at once (nbdcopy's 4
+# connections), and they spend their time handing the GIL to each other. Two a connection keep a
+# miss from stalling its connection (a hit or a second fetch goes on meanwhile) for a fraction of
+# the switching: bench/RESULTS.md, "nbdkit threads".
+NBDKIT_THREADS = 2
+
+
 def nbdkit_argv(
     store: str,
     snap: str,
@@ -43,8 +51,9 @@ def nbdkit_argv(
     pgdata: bool = False,
     stats: str | None = None,
 ) -> tuple[list[str], dict[str, str]]:
-    """(argv, extra environment) for `nbdkit python nbdplugin/kloset.py store=... snapshot=...`."""
-    argv = ["nbdkit", "python", str(PLUGIN), f"store={store}", f"snapshot={snap}"]
+    """(argv, extra environment) for `nbdkit --threads=2 python nbdplugin/kloset.py store=...`."""
+    argv = ["nbdkit", f"--threads={NBDKIT_THREADS}", "python", str(PLUGIN)]
+    argv += [f"store={store}", f"snapshot={snap}"]
     if path:
         argv.append(f"path={path}")
     if pgdata:

@@ -122,3 +122,33 @@ def test_counters_are_exact_under_many_threads() -> None:
         t.join()
     assert cache.stats.misses == 8 and cache.stats.hits == 8 * 5000 * 8
     assert all(source.calls[m] == 1 for m in macs)
+
+
+def test_a_scan_does_not_push_out_a_chunk_used_twice() -> None:
+    # 2Q: a chunk used again after it left the first-use queue lives in the main LRU, which a
+    # scan of chunks used once never enters. A plain LRU of the same size would evict it.
+    source = CountingSource(size=1024)
+    cache = ChunkCache(source, max_bytes=64 * 1024)
+    assert cache.recent_max == 16 * 1024
+    hot = mac(255)
+    cache.get(hot)
+    for i in range(20):  # pushes `hot` out of the first-use queue: remembered as a ghost
+        cache.get(mac(i))
+    cache.get(hot)
+    assert source.calls[hot] == 2
+    for i in range(1000, 3000):  # a long scan, every chunk used once
+        cache.get(i.to_bytes(32, "big"))
+    assert cache.get(hot) == source(hot)
+    assert source.calls[hot] == 3  # the one above; the get() before it was a hit
+    assert cache.stats.hits >= 1
+    assert cache.cached_bytes <= 64 * 1024
+
+
+def test_first_use_queue_is_bounded_and_hits_in_it_need_no_refetch() -> None:
+    source = CountingSource(size=1024)
+    cache = ChunkCache(source, max_bytes=1 << 20)  # first-use queue: 256 KiB
+    for i in range(200):
+        cache.get(mac(i % 250))
+        cache.get(mac(i % 250))  # a sub-read of the same chunk: a hit, no refetch
+    assert all(source.calls[mac(i)] == 1 for i in range(200))
+    assert cache.cached_bytes <= cache.recent_max

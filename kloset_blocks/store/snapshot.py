@@ -233,9 +233,7 @@ class SnapshotFile:
             )
         return data
 
-    def iter_read(
-        self, offset: int = 0, length: int | None = None, readahead: int = 0
-    ) -> Iterator[c.Buffer]:
+    def iter_read(self, offset: int = 0, length: int | None = None, readahead: int = 0) -> Iterator[c.Buffer]:
         """The bytes of a range, one piece (bytes or a buffer) per chunk: for streaming without
         holding the range.
         With readahead > 0, up to that many following chunks are fetched and decoded on the
