@@ -275,9 +275,10 @@ class Server:
     def _unplanned(self, export: Export, start: int, limit: int) -> list[tuple[int, int]]:
         """The parts of [start, limit) not in a block planned recently, as (start, end) runs; the
         blocks the range covers whole are remembered as planned. Called under export.lock."""
-        # Blocks planned are remembered for about as many bytes as the cache holds: after that
-        # their chunks may be evicted, and a new pass over them should prefetch again.
-        keep = max(_PLANNED_MIN, self.config.cache // PLAN_BLOCK)
+        # Blocks planned are remembered for about as many bytes as the cache's first-use queue
+        # holds (chunks.py): after that their chunks may have left it, and a new pass over them
+        # should prefetch again.
+        keep = max(_PLANNED_MIN, self.cache.recent_max // PLAN_BLOCK)
         planned = export.planned
         runs: list[tuple[int, int]] = []
         for block in range(start // PLAN_BLOCK, (limit - 1) // PLAN_BLOCK + 1):
