@@ -167,10 +167,13 @@ def test_second_export_serves_the_other_snapshot(store: Path) -> None:
     ],
 )
 def test_bad_parameters_fail_at_startup_with_one_line(
-    store: Path, params: tuple[str, ...], message: str
+    store: Path, params: tuple[str, ...], message: str, tmp_path: Path
 ) -> None:
+    # A socket path of our own, not `-U -`: nbdkit 1.32 leaves the temporary directory of `-U -`
+    # behind whenever startup fails, even with its own file plugin.
+    sock = tmp_path / "nbd.sock"
     proc = subprocess.run(
-        ["nbdkit", "-f", "-U", "-", "python", PLUGIN, f"store={store}", *params, "--run", "true"],
+        ["nbdkit", "-f", "-U", str(sock), "python", PLUGIN, f"store={store}", *params, "--run", "true"],
         capture_output=True,
         text=True,
         timeout=60,
@@ -180,6 +183,7 @@ def test_bad_parameters_fail_at_startup_with_one_line(
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert list(tmp_path.iterdir()) == []  # no socket left behind
 
 
 def test_nbdcopy_of_whole_export_equals_image_and_passes_e2fsck(
