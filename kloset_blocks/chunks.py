@@ -21,7 +21,9 @@
 #   is one C call, atomic under the GIL. `_lock` guards only the queues' byte counts (insert and
 #   evict, once per fetched chunk). Why: a contended Python lock is re-taken with the GIL still to
 #   win, so under nbdkit's 16 threads a connection it became a convoy (18 % of the threads' time
-#   waiting on it in a cold nbdcopy). Fetching and decoding release the GIL for the heavy work.
+#   waiting on it in a cold nbdcopy); cachetools' LRUCache, used before, reorders on every read and
+#   is not thread-safe, so it needed that lock on hits too. Fetching and decoding release the GIL
+#   for the heavy work.
 # - A chunk is put in the cache before it leaves the in-flight table, so a get() always finds it
 #   in one or the other (or fetches it anew after eviction).
 # - Concurrent misses on one MAC share one fetch: the first caller fetches, the others wait for it.
