@@ -60,6 +60,15 @@ def nbd_uri(sock: Path) -> str:
     return f"nbd+unix:///?socket={sock}"
 
 
+def child_env(extra: Mapping[str, str | None] | None) -> dict[str, str] | None:
+    """This process's environment with `extra` applied (a None value unsets the variable), or None
+    (inherit) when there is nothing to change."""
+    if not extra:
+        return None
+    env = {**os.environ, **extra}
+    return {k: v for k, v in env.items() if v is not None}
+
+
 def nbdkit_command(argv: Sequence[str], sock: Path) -> list[str]:
     """Insert foreground (-f: the pid we hold is nbdkit's), read-only and the socket after argv[0]."""
     if not argv:
@@ -197,7 +206,7 @@ class Chain:
         self,
         nbdkit_argv: Sequence[str],
         *,
-        env: Mapping[str, str] | None = None,
+        env: Mapping[str, str | None] | None = None,
         mountpoint: Path | str | None = None,
         overlay: Path | str | None = None,
         run_root: Path | str | None = None,
@@ -382,7 +391,7 @@ class Chain:
         return self.run
 
     def _spawn(
-        self, argv: list[str], log_path: Path, what: str, env: Mapping[str, str] | None = None
+        self, argv: list[str], log_path: Path, what: str, env: Mapping[str, str | None] | None = None
     ) -> subprocess.Popen[bytes]:
         fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:
@@ -393,7 +402,7 @@ class Chain:
                 stderr=fd,
                 start_new_session=True,  # no SIGHUP from a closing terminal, no Ctrl-C from ours
                 umask=0o077,  # the socket and any file it makes: owner only
-                env={**os.environ, **env} if env else None,
+                env=child_env(env),
             )
         except FileNotFoundError as e:
             raise AttachError(f"{what} not found (run `make deps`)") from e

@@ -68,7 +68,9 @@ cache=SIZE         decoded-chunk cache (default 512M); chunks used once share at
                    it (64M at most), so a long scan does not push out chunks used again
 readahead=SIZE     cap of the sequential readahead window, which grows from the request size and
                    stops at the end of the file being read (default 8M; 0 disables)
-passphrase=-|+FILE passphrase: - prompts, +FILE reads a file (default: $PLAKAR_PASSPHRASE, then a prompt)
+passphrase=-|+FILE passphrase: - prompts, +FILE reads a file (default: $KLOSET_BLOCKS_STORE_KEY, the
+                   key already derived, which kloset-blocks hands the nbdkit it starts; then
+                   $PLAKAR_PASSPHRASE; then a prompt)
 lazy=true          build every export's image on first open, the default one too (a snapshot that
                    cannot be served then fails its own open, not nbdkit's start)
 cache-dir=DIR      persistent on-disk chunk cache (zstd entries, MAC-checked on every hit)

@@ -262,7 +262,7 @@ class QueryRun:
             self.seconds = time.monotonic() - t0
         return [r for r in self.results if r is not None]
 
-    def nbdkit(self) -> tuple[list[str], dict[str, str]]:
+    def nbdkit(self) -> tuple[list[str], dict[str, str | None]]:
         from kloset_blocks.serve import nbdkit_argv
 
         argv, env = nbdkit_argv(
@@ -270,6 +270,7 @@ class QueryRun:
             self.infos[0].hex_id,
             owner=pg.PG_USER,
             passphrase=self.passphrase,
+            key=self.store.codec.key,  # derived already: nbdkit need not derive it again
             pgdata=True,
             stats=str(self.stats_path),
         )

@@ -48,10 +48,13 @@ def nbdkit_argv(
     owner: str | None = None,
     passphrase: str | None = None,
     *,
+    key: bytes | None = None,
     pgdata: bool = False,
     stats: str | None = None,
-) -> tuple[list[str], dict[str, str]]:
-    """(argv, extra environment) for `nbdkit --threads=2 python nbdplugin/kloset.py store=...`."""
+) -> tuple[list[str], dict[str, str | None]]:
+    """(argv, extra environment) for `nbdkit --threads=2 python nbdplugin/kloset.py store=...`.
+    An encrypted store's `key`, when the caller has derived it, goes to nbdkit instead of the
+    passphrase (store/config.py: KEY_ENV), so that nbdkit does not derive it again."""
     argv = ["nbdkit", f"--threads={NBDKIT_THREADS}", "python", str(PLUGIN)]
     argv += [f"store={store}", f"snapshot={snap}"]
     if path:
@@ -66,8 +69,13 @@ def nbdkit_argv(
     site = (
         REPO / ".venv" / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
     )
-    env = {"PYTHONPATH": os.pathsep.join([str(REPO), str(site)])}
-    if passphrase is not None:
+    env: dict[str, str | None] = {"PYTHONPATH": os.pathsep.join([str(REPO), str(site)])}
+    if key is not None:
+        from kloset_blocks.store.config import KEY_ENV
+
+        env[KEY_ENV] = key.hex()
+        env[PASSPHRASE_ENV] = None  # nbdkit needs the key only: do not pass the passphrase on
+    elif passphrase is not None:
         env[PASSPHRASE_ENV] = passphrase
     return argv, env
 
@@ -77,14 +85,14 @@ class Served:
     """A checked snapshot and the nbdkit command that serves it."""
 
     argv: list[str]
-    env: dict[str, str] = field(repr=False)  # may hold the passphrase
+    env: dict[str, str | None] = field(repr=False)  # may hold the key or passphrase; None unsets
     snapshot_id: str = ""  # 64 hex digits
     logical_size: int = 0  # the snapshot's bytes, for the "fetched ... of ..." line
     root: str = "/"  # the snapshot directory that is the filesystem's root
     pg_major: str | None = None
 
     @property
-    def nbdkit(self) -> tuple[list[str], dict[str, str]]:
+    def nbdkit(self) -> tuple[list[str], dict[str, str | None]]:
         return self.argv, self.env
 
     def state(self) -> dict[str, Any]:
@@ -115,12 +123,14 @@ def prepare(
             snapshot = st.open_snapshot(snap)
             info = snapshot.info
             root, major = _check_root(snapshot, path, pgdata)
+            key = st.codec.key
     argv, env = nbdkit_argv(
         store,
         info.hex_id,
         path=None if pgdata else path,
         owner=owner,
         passphrase=secret,
+        key=key,
         pgdata=pgdata,
         stats=f"{RUN_DIR_TOKEN}/{STATS_FILE}",
     )

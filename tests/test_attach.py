@@ -401,3 +401,23 @@ def test_mount_then_down(backup: Backup, run_root: Path, tmp_path: Path) -> None
 def test_zz_backing_images_unchanged(backup: Backup) -> None:
     for img, digest in backup.sha.items():
         assert sha256(img) == digest, img
+
+
+@pytest.mark.parametrize(
+    ("extra", "present", "absent"),
+    [
+        (None, None, None),
+        ({}, None, None),
+        ({"KB_TEST_SET": "1"}, {"KB_TEST_SET": "1", "PATH": os.environ["PATH"]}, ()),
+        ({"KB_TEST_SET": "1", "PATH": None}, {"KB_TEST_SET": "1"}, ("PATH",)),
+    ],
+)
+def test_child_env_applies_and_unsets(extra, present, absent) -> None:
+    from kloset_blocks.attach import child_env
+
+    env = child_env(extra)
+    if present is None:
+        assert env is None  # inherit unchanged
+        return
+    assert all(env[k] == v for k, v in present.items())
+    assert not any(k in env for k in absent)

@@ -33,6 +33,8 @@ import pytest
 from kloset_blocks import sample
 from kloset_blocks.runtime import RUN_ROOT_ENV, proc_alive, processes_mentioning
 from kloset_blocks.store import codec as c
+from kloset_blocks.store import open_store
+from kloset_blocks.store.config import KEY_ENV
 from kloset_blocks.store.writer import add_snapshot, write_store
 from tests.conftest import FIXTURES, REPO
 
@@ -307,21 +309,28 @@ def test_reused_overlay_starts_without_recovery(stores: Stores, run_root: Path, 
     assert overlay.is_file(), "a user-given overlay is kept"
 
 
-def test_pg_start_encrypted_passphrase_only_in_nbdkits_environment(stores: Stores, run_root: Path) -> None:
+def test_pg_start_encrypted_key_only_in_nbdkits_environment(stores: Stores, run_root: Path) -> None:
+    # The CLI derives the key once and hands nbdkit the key (not the passphrase) in its environment:
+    # nbdkit does not derive it again. Neither is in any argv, nor in Postgres' environment.
     snap = stores.snaps["Aenc"][:8]
+    with open_store(str(stores.enc), PASSPHRASE) as st:  # the oracle: the key derived here
+        key = st.codec.key
     started = cli(run_root, "pg", "start", str(stores.enc), snap, env={"PLAKAR_PASSPHRASE": PASSPHRASE})
     assert started.returncode == 0, started.stderr
     assert started.stdout.startswith("psql -h ")
     state = pg_state(run_root)
-    secret = f"PLAKAR_PASSPHRASE={PASSPHRASE}".encode()
     try:
         pid = state["nbdkit"]["pid"]
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
         assert PASSPHRASE.encode() not in cmdline and b"passphrase" not in cmdline
-        assert secret in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        assert key.hex().encode() not in cmdline
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        assert f"{KEY_ENV}={key.hex()}".encode() in environ
+        assert not any(PASSPHRASE.encode() in e for e in environ)
         assert b"pgdata=true" in cmdline.split(b"\0")
         postmaster = state["postgres"]["postmaster"]["pid"]
-        assert b"PLAKAR_PASSPHRASE" not in Path(f"/proc/{postmaster}/environ").read_bytes()
+        pg_environ = Path(f"/proc/{postmaster}/environ").read_bytes()
+        assert b"PLAKAR_PASSPHRASE" not in pg_environ and KEY_ENV.encode() not in pg_environ
         assert query_started(state, QUERIES["items"][1]).stdout.strip() == stores.live["A"]["items"]
     finally:
         down = cli(run_root, "down")

@@ -20,6 +20,7 @@ from kloset_blocks.errors import (
 )
 from kloset_blocks.store import codec as c
 from kloset_blocks.store import open_store
+from kloset_blocks.store.config import KEY_ENV
 from tests.store_helpers import (
     ENC,
     PASSPHRASE,
@@ -87,6 +88,37 @@ def test_passphrase_sources(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
         open_store(str(ENC))
     # A plaintext store never asks.
     assert open_store(str(PLAIN)).encrypted is False
+
+
+def test_derived_key_from_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # What `kloset-blocks psql` hands the nbdkit it starts: the key derived once, not the passphrase.
+    with open_store(str(ENC), PASSPHRASE) as st:
+        key = st.codec.key
+    assert key is not None
+    monkeypatch.delenv("PLAKAR_PASSPHRASE", raising=False)
+    monkeypatch.setattr("sys.stdin.isatty", lambda: False, raising=False)
+    monkeypatch.setenv(KEY_ENV, key.hex())
+
+    def no_kdf(*args: object) -> bytes:
+        raise AssertionError("the key was derived again")
+
+    monkeypatch.setattr(c, "derive_key", no_kdf)
+    with open_store(str(ENC)) as st:
+        assert st.find_snapshot("").id.hex() == SNAP_A_ENC
+        assert st.codec.key == key
+    monkeypatch.undo()
+    monkeypatch.setattr("sys.stdin.isatty", lambda: False, raising=False)
+    monkeypatch.delenv("PLAKAR_PASSPHRASE", raising=False)
+    bad_keys = [("00" * 32, "does not open store"), ("zz", "is not a hex key"), ("00", "does not open")]
+    for value, message in bad_keys:
+        monkeypatch.setenv(KEY_ENV, value)
+        with pytest.raises(PassphraseError, match=message):
+            open_store(str(ENC))
+    # An explicit passphrase wins over the environment's key.
+    good = tmp_path / "good"
+    good.write_bytes(PASSPHRASE.encode())
+    with open_store(str(ENC), f"+{good}") as st:
+        assert st.find_snapshot("").id.hex() == SNAP_A_ENC
 
 
 def _patch_config_version(store: Path, version: int) -> None:

@@ -22,7 +22,7 @@ from kloset_blocks.attach import Chain, teardown_all, teardown_run_dir
 from kloset_blocks.errors import UsageError
 from kloset_blocks.runtime import Progress, RunDir, list_run_dirs, sigint_ignored, signals_unwind
 
-Nbdkit = tuple[Sequence[str], Mapping[str, str]]
+Nbdkit = tuple[Sequence[str], Mapping[str, str | None]]  # argv, environment changes (None unsets)
 
 
 # --- sessions (library API; the CLI handlers below are argument plumbing) ------------------------
