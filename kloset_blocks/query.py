@@ -19,9 +19,10 @@
 #   the chosen order (newest first by default) as soon as all earlier ones are done.
 #
 # Invariants: every chain and the shared nbdkit are torn down on any exit (error, Ctrl-C, SIGTERM,
-# SIGHUP); a chain never outlives its snapshot's result. The passphrase reaches nbdkit only in its
-# environment. Bytes fetched per snapshot are read from the plugin's stats file, rewritten whenever
-# an NBD client disconnects; with --jobs > 1 they overlap and are only indicative.
+# SIGHUP); a chain never outlives its snapshot's result. The store's key (derived here once)
+# reaches nbdkit only in its environment. Bytes fetched per snapshot are read from the plugin's
+# stats file, rewritten whenever an NBD client disconnects; with --jobs > 1 they overlap and are
+# only indicative.
 from __future__ import annotations
 
 import contextlib
@@ -216,7 +217,6 @@ class QueryRun:
         infos: Sequence[Any],
         options: QueryOptions,
         *,
-        passphrase: str | None = None,
         progress: Progress | None = None,
         on_result: Callable[[Result], None] | None = None,
     ) -> None:
@@ -224,7 +224,6 @@ class QueryRun:
         self.store = store
         self.infos = list(infos)
         self.options = options
-        self.passphrase = passphrase
         self.progress = progress or Progress(quiet=True)
         self.on_result = on_result or (lambda r: None)
         self.null = f"<kb-null-{secrets.token_hex(8)}>"
@@ -269,7 +268,6 @@ class QueryRun:
             self.location,
             self.infos[0].hex_id,
             owner=pg.PG_USER,
-            passphrase=self.passphrase,
             key=self.store.codec.key,  # derived already: nbdkit need not derive it again
             pgdata=True,
             stats=str(self.stats_path),
@@ -560,8 +558,8 @@ def summary_lines(run: QueryRun, results: Sequence[Result]) -> list[str]:
 
 
 @contextlib.contextmanager
-def opened_store(location: str, passphrase_file: str | None) -> Iterator[tuple[Any, str | None]]:
-    """The store, opened here (the prompt, if any, happens now), and the passphrase for nbdkit."""
+def opened_store(location: str, passphrase_file: str | None) -> Iterator[Any]:
+    """The store, opened here (the prompt, if any, happens now; nbdkit gets the key derived here)."""
     from kloset_blocks.serve import PASSPHRASE_ENV, passphrase_for
     from kloset_blocks.store import open_store
 
@@ -578,6 +576,6 @@ def opened_store(location: str, passphrase_file: str | None) -> Iterator[tuple[A
             else:
                 os.environ[PASSPHRASE_ENV] = old
     try:
-        yield store, secret
+        yield store
     finally:
         store.close()

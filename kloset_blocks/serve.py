@@ -9,8 +9,9 @@
 # even for `latest`). A prompt for the passphrase happens here, on the terminal, since nbdkit's stdin
 # is /dev/null.
 #
-# Invariants: no secret in argv (the passphrase travels in PLAKAR_PASSPHRASE in nbdkit's environment,
-# and is verified in-process through that same path first); no --exit-with-parent: for `mount` and
+# Invariants: no secret in argv (the passphrase is verified in-process first, through the path
+# the plugin would take; the key derived from it travels in nbdkit's environment, KEY_ENV, and the
+# passphrase does not); no --exit-with-parent: for `mount` and
 # `pg start` nbdkit must outlive the CLI that started it (it runs in its own session and is stopped by
 # `kloset-blocks down`). The plugin's counters go to a file in the run directory (attach.RUN_DIR_TOKEN
 # is replaced by the chain), read back at teardown for the "fetched ... from the store" line.
@@ -46,15 +47,14 @@ def nbdkit_argv(
     snap: str,
     path: str | None = None,
     owner: str | None = None,
-    passphrase: str | None = None,
     *,
     key: bytes | None = None,
     pgdata: bool = False,
     stats: str | None = None,
 ) -> tuple[list[str], dict[str, str | None]]:
     """(argv, extra environment) for `nbdkit --threads=2 python nbdplugin/kloset.py store=...`.
-    An encrypted store's `key`, when the caller has derived it, goes to nbdkit instead of the
-    passphrase (store/config.py: KEY_ENV), so that nbdkit does not derive it again."""
+    An encrypted store's `key`, derived by the caller, goes to nbdkit in its environment (store/
+    config.py: KEY_ENV) instead of the passphrase, so that nbdkit does not derive it again."""
     argv = ["nbdkit", f"--threads={NBDKIT_THREADS}", "python", str(PLUGIN)]
     argv += [f"store={store}", f"snapshot={snap}"]
     if path:
@@ -75,8 +75,6 @@ def nbdkit_argv(
 
         env[KEY_ENV] = key.hex()
         env[PASSPHRASE_ENV] = None  # nbdkit needs the key only: do not pass the passphrase on
-    elif passphrase is not None:
-        env[PASSPHRASE_ENV] = passphrase
     return argv, env
 
 
@@ -85,7 +83,7 @@ class Served:
     """A checked snapshot and the nbdkit command that serves it."""
 
     argv: list[str]
-    env: dict[str, str | None] = field(repr=False)  # may hold the key or passphrase; None unsets
+    env: dict[str, str | None] = field(repr=False)  # may hold the key; None unsets a variable
     snapshot_id: str = ""  # 64 hex digits
     logical_size: int = 0  # the snapshot's bytes, for the "fetched ... of ..." line
     root: str = "/"  # the snapshot directory that is the filesystem's root
@@ -129,7 +127,6 @@ def prepare(
         info.hex_id,
         path=None if pgdata else path,
         owner=owner,
-        passphrase=secret,
         key=key,
         pgdata=pgdata,
         stats=f"{RUN_DIR_TOKEN}/{STATS_FILE}",

@@ -28,10 +28,10 @@ def cmd_query(args: argparse.Namespace) -> int:
         timeout=args.timeout,
     )
     printer = Printer(args.format, quiet=args.quiet)
-    with opened_store(args.store, args.passphrase_file) as (store, secret):
+    with opened_store(args.store, args.passphrase_file) as store:
         infos = select_snapshots(store, args.snapshots, args.since, args.until, args.oldest_first)
         Progress(args.quiet).say(f"query on {len(infos)} snapshot(s), {options.jobs} at a time")
-        run = QueryRun(args.store, store, infos, options, passphrase=secret, on_result=printer.result)
+        run = QueryRun(args.store, store, infos, options, on_result=printer.result)
         results = run.run()
     printer.finish(run, results)
     failed = [r.info.short_id for r in results if r.error is not None]
