@@ -73,9 +73,9 @@ def ensure_traversable(mount_root: Path, datadir: Path, uid: int) -> None:
 
 def prepare_datadir(datadir: Path, progress: Progress) -> None:
     """Stale files a server start must not see. pg_basebackup omits postmaster.pid; a file-level
-    backup of a live data directory has one. standby.signal (pg_basebackup -R) would keep the server
-    in recovery forever, waiting for a primary."""
-    for name in ("postmaster.pid", "standby.signal"):
+    backup of a live data directory has one. The snapshot's recovery.signal/standby.signal are not
+    ours to obey (Server writes the one it needs)."""
+    for name in ("postmaster.pid", "recovery.signal", "standby.signal"):
         f = datadir / name
         if f.exists():
             f.unlink()
