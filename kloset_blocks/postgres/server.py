@@ -35,12 +35,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from kloset_blocks.errors import PgError
-from kloset_blocks.host.procs import proc_alive, proc_record, stop_process, wait_gone
+from kloset_blocks.host.procs import clean_env, proc_alive, proc_record, stop_process, wait_gone
 from kloset_blocks.host.progress import Progress
 from kloset_blocks.host.rundir import RunDir
 from kloset_blocks.postgres import config
 from kloset_blocks.postgres.datadir import PG_USER, Cluster, pg_ids
-from kloset_blocks.store.passphrase import PASSPHRASE_ENV
 
 DEFAULT_PORT = 5432
 
@@ -246,8 +245,9 @@ class Server:
         argv = self.psql_argv(["-XAtq", "-v", "ON_ERROR_STOP=1", "-d", db, "-c", sql])
         try:
             p = subprocess.run(
-                argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL, cwd="/"
-            )
+                argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL, cwd="/",
+                env=child_env(),
+            )  # fmt: skip
         except subprocess.TimeoutExpired as e:
             raise PgError(f"query did not finish within {timeout:.0f} s") from e
         if p.returncode != 0:
@@ -270,7 +270,7 @@ def stop_recorded(run: RunDir, timeout: float = 60.0) -> None:
             subprocess.run(
                 ["runuser", "-u", PG_USER, "--", str(pg_ctl), "stop", "-D", rec["datadir"], "-m", "fast",
                  "-w", "-t", str(int(timeout)), "-s"],
-                capture_output=True, stdin=subprocess.DEVNULL, timeout=timeout + 5, cwd="/",
+                capture_output=True, stdin=subprocess.DEVNULL, timeout=timeout + 5, cwd="/", env=child_env(),
             )  # fmt: skip
         if not wait_gone(post, 1.0):
             stop_process(post, sig=signal.SIGQUIT, timeout=10.0)  # immediate shutdown
@@ -280,8 +280,8 @@ def stop_recorded(run: RunDir, timeout: float = 60.0) -> None:
 
 
 def child_env() -> dict[str, str]:
-    """Our environment minus the store's passphrase: the server and psql have no use for it."""
-    return {k: v for k, v in os.environ.items() if k != PASSPHRASE_ENV}
+    """Our environment minus the store's secrets: the server and psql have no use for them."""
+    return clean_env()
 
 
 def relevant_lines(text: str, n: int = 3) -> str:
