@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import re
 
-from kloset_blocks.errors import UsageError
-
-_SAFE = re.compile(r"[A-Za-z0-9%+,\-./:=@_^\x80-\U0010ffff]*")
+_SAFE = re.compile(r"[A-Za-z0-9%+,\-./:@_{}~#\x80-\U0010ffff]*")  # ~ and # only after the start
 _NAMED = {7: "a", 8: "b", 9: "t", 10: "n", 11: "v", 12: "f", 13: "r"}
 
 
@@ -41,25 +39,27 @@ def escape_name(name: bytes | str) -> str:
         return "''"
     if not control and "'" in s and not re.search(r"[\"$`\\!]", s):
         return f'"{s}"'
-    out, quoted = ["'"], True  # ls opens a quote first, even before an escape: ''$'\033'
+    # ls opens a quote first, even before an escape (''$'\033'), and runs of control characters
+    # share one $'...'.
+    out, state = ["'"], "quoted"
     for ch in s:
         if _is_control(ch):
-            if quoted:
-                out.append("'")
-                quoted = False
-            out.append(f"$'{_escape_char(ch)}'")
+            if state == "quoted":
+                out.append("'$'")
+            state = "escaped"
+            out.append(_escape_char(ch))
             continue
-        if not quoted:
-            out.append("'")
-            quoted = True
+        if state == "escaped":
+            out.append("''")  # closes $'...' and opens a quote
+        state = "quoted"
         out.append("'\\''" if ch == "'" else ch)
-    if quoted:
-        out.append("'")
+    out.append("'")
     return "".join(out)
 
 
-def check_name(name: bytes | str, what: str = "name") -> None:
-    """A name with a NUL byte cannot be a path on any system we talk to: a clear error."""
-    nul = b"\0" if isinstance(name, bytes) else "\0"
-    if nul in name:  # type: ignore[operator]
-        raise UsageError(f"{what} {escape_name(name)} holds a NUL byte")
+def visible(text: str) -> str:
+    """Text for a terminal with every control character written as ls -b writes it (\\n, \\t,
+    \\033, octal per byte): for values in a table, where quoting each cell would be noise."""
+    if not any(_is_control(c) for c in text):
+        return text
+    return "".join(_escape_char(c) if _is_control(c) else c for c in text)
