@@ -251,6 +251,40 @@ def test_hostile_snapshot_read_only(hostile: Hostile, run_root: Path) -> None:
     assert_nothing_left(run_root, hostile.store)
 
 
+# --- PG_VERSION is data too -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kind", "message"),
+    [
+        ("symlink", r"not a regular file in snapshot \w+: /PG_VERSION$"),  # -> a host file: not read
+        ("huge", r"unexpected PG_VERSION '1{64}' in snapshot"),  # read 64 bytes, not 2 MB
+        ("path", r"unexpected PG_VERSION '\.\./\.\./bin' in snapshot"),
+    ],
+)
+def test_pg_version_is_checked_before_anything_starts(
+    run_root: Path, tmp_path: Path, kind: str, message: str
+) -> None:
+    src = tmp_path / "src"
+    (src / "base").mkdir(parents=True)
+    host = Path(tempfile.mkdtemp(prefix="kb-host-"))
+    try:
+        (host / "secret").write_text("secret-host-line\n")
+        if kind == "symlink":
+            os.symlink(host / "secret", src / "PG_VERSION")
+        else:
+            (src / "PG_VERSION").write_text("1" * 2_000_000 if kind == "huge" else "../../bin\n")
+        made = cli(run_root, "mkstore", "--from-dir", str(src), "--plaintext", str(tmp_path / "store"))
+        assert made.returncode == 0, made.stderr
+        res = cli(run_root, "psql", str(tmp_path / "store"), "latest", "--", "-c", "select 1")
+    finally:
+        shutil.rmtree(host)
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    assert res.stderr.count("\n") == 1 and re.search(message, res.stderr.strip()), res.stderr
+    assert "secret-host-line" not in res.stderr
+    assert_nothing_left(run_root, tmp_path / "store")
+
+
 # --- read-only is the server's --------------------------------------------------------------------
 
 WRITE = "insert into customers values (900002, 'x', 'y')"
