@@ -3,7 +3,7 @@
 # Strategy: the data directory is the directory holding PG_VERSION (`/` for pg_basebackup tar
 # backups, `/data` for plakar's postgres importer); its major version picks the Debian server
 # binaries in /usr/lib/postgresql/<major>/bin. The server runs as the `postgres` user (it refuses
-# root) via `runuser`, directly as `postgres -D` in its own session, with stdout/stderr on a log in a
+# root) via sandbox.py, directly as `postgres -D` in its own session, with stdout/stderr on a log in a
 # private 0700 directory of the run directory that also holds its Unix socket. We know it is up from
 # postmaster.pid's status line ("ready", or "standby" for a hot standby), polled every 10 ms: finer
 # than pg_ctl -w's 100 ms.
@@ -15,6 +15,8 @@
 #   replaced in the overlay by an empty one, and the snapshot's recovery.signal/standby.signal by
 #   what we need: none for a read-write start (crash recovery from backup_label), standby.signal
 #   for --read-only (a hot standby with no primary and no restore_command: no session can write).
+# - The server runs under sandbox.py's seccomp filter: neither it nor any process it forks can
+#   exec a program (COPY ... TO PROGRAM, a *_command), whatever SQL the snapshot makes it run.
 # - No TCP: listen_addresses='' and a private socket directory; so the port only names the socket
 #   file and cannot clash with another server (the default 5432 is kept for habit).
 # - Nothing from the snapshot is read through a symlink or without a size bound.
@@ -30,6 +32,7 @@ import shutil
 import signal
 import stat
 import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -109,7 +112,7 @@ class Server:
         fd = os.open(self.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:
             self.proc = subprocess.Popen(
-                ["runuser", "-u", PG_USER, "--", str(self.cluster.bindir / "postgres"), *self._options()],
+                [*sandboxed(self.uid, self.gid), str(self.cluster.bindir / "postgres"), *self._options()],
                 stdin=subprocess.DEVNULL,
                 stdout=fd,
                 stderr=fd,
@@ -277,6 +280,15 @@ def stop_recorded(run: RunDir, timeout: float = 60.0) -> None:
     # Children of a killed postmaster notice on their own; runuser exits with it.
     stop_process(rec.get("runuser"), timeout=5.0)
     run.forget("postgres")
+
+
+SANDBOX = Path(__file__).with_name("sandbox.py")
+
+
+def sandboxed(uid: int, gid: int) -> list[str]:
+    """The argv prefix that runs a program as uid:gid unable to start any other program
+    (sandbox.py: a seccomp filter on execve): the server, never a shell."""
+    return [sys.executable, "-I", str(SANDBOX), str(uid), str(gid)]
 
 
 def child_env() -> dict[str, str]:
