@@ -32,7 +32,7 @@ from kloset_blocks import postgres
 from kloset_blocks.host.rundir import RUN_ROOT_ENV
 from kloset_blocks.postgres.server import sandboxed
 from kloset_blocks.store import open_store
-from kloset_blocks.store.config import KEY_ENV
+from kloset_blocks.store.passphrase import KEY_ENV
 from tests.conftest import FIXTURES, REPO
 from tests.test_e2e_pg import (
     GOLDEN,

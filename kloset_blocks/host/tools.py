@@ -8,13 +8,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from kloset_blocks.errors import KlosetError
+from kloset_blocks.store.passphrase import KEY_ENV, PASSPHRASE_ENV
 
 TOOL_TIMEOUT = 60.0
 
 
 # The store's secrets: the passphrase (PLAKAR_PASSPHRASE) and the key derived from it. Only nbdkit
 # needs the key (given explicitly); no child inherits either.
-SECRET_ENV = ("PLAKAR_PASSPHRASE", "KLOSET_BLOCKS_STORE_KEY")
+SECRET_ENV = (PASSPHRASE_ENV, KEY_ENV)
 
 
 def clean_env(extra: Mapping[str, str | None] | None = None) -> dict[str, str]:
