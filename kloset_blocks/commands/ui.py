@@ -3,7 +3,8 @@
 # The store is opened here (a passphrase from --passphrase-file, $PLAKAR_PASSPHRASE or a prompt:
 # never from a URL), the socket is bound before anything is printed, and the first line on stdout
 # is the URL with the one-time token. uvicorn runs in the main thread and turns Ctrl-C and SIGTERM
-# (SIGHUP here too) into a graceful stop; then every chain the page opened is torn down.
+# (SIGHUP here too) into a graceful stop; then every chain the page opened is torn down, and the
+# exit status is 0.
 from __future__ import annotations
 
 import argparse
@@ -51,6 +52,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
     require_root()
     idle, timeout = parse_duration(args.idle), parse_duration(args.timeout)
+    export_timeout = parse_duration(args.export_timeout)
     if args.max_open < 1 or args.row_cap < 1:
         raise UsageError("--max-open and --row-cap must be at least 1")
     progress = Progress(args.quiet)
@@ -60,15 +62,19 @@ def cmd_ui(args: argparse.Namespace) -> int:
         sessions = Sessions(args.store, store, idle=idle, max_open=args.max_open)
         app = None
         try:
-            app = create_app(sessions, guard, timeout=timeout, cap=args.row_cap)
+            app = create_app(
+                sessions, guard, timeout=timeout, export_timeout=export_timeout, cap=args.row_cap
+            )
             config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5, access_log=False)
             server = uvicorn.Server(config)
             if args.bind not in ("127.0.0.1", "localhost", "::1"):
                 progress.say(f"warning: listening on {args.bind}, not only on loopback")
             print(guard.first_url, flush=True)
             progress.say("open the URL above in a browser (it works once); Ctrl-C to stop")
-            signal.signal(signal.SIGHUP, lambda *_: _stop(server))
-            server.run(sockets=[sock])
+            stop = _StopOnSignal(server)
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                signal.signal(sig, stop)
+            server.run(sockets=[sock])  # handles SIGINT/SIGTERM itself, then hands them to `stop`
         finally:
             for job in list(app.state.jobs.values()) if app is not None else []:
                 job.cancel()
@@ -79,8 +85,16 @@ def cmd_ui(args: argparse.Namespace) -> int:
     return 0
 
 
-def _stop(server: Any) -> None:
-    server.should_exit = True
+class _StopOnSignal:
+    """Our handler for the stop signals: uvicorn replays the signals it caught to the handlers it
+    found when it exits, so this one must not kill the process (the teardown comes after). SIGHUP,
+    which uvicorn leaves alone, stops the server too."""
+
+    def __init__(self, server: Any) -> None:
+        self.server = server
+
+    def __call__(self, signum: int, frame: object) -> None:
+        self.server.should_exit = True
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -96,6 +110,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--idle", default="10m", help="close a snapshot unused for this long (default: 10m)")
     p.add_argument("--max-open", type=int, default=3, help="snapshots open at once (default: 3)")
     p.add_argument("--timeout", default="30s", help="statement_timeout of each statement (default: 30s)")
+    p.add_argument(
+        "--export-timeout", default="10m", help="statement_timeout of an export, CSV or JSON (default: 10m)"
+    )
     p.add_argument("--row-cap", type=int, default=1000, help="rows a result shows (default: 1000)")
     p.add_argument(
         "--passphrase-file",

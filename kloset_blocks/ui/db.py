@@ -26,6 +26,7 @@ from psycopg.adapt import AdaptersMap, Loader
 from kloset_blocks.errors import KlosetError
 
 DEFAULT_TIMEOUT = 30.0
+EXPORT_TIMEOUT = 600.0  # an export reads the whole result: one statement, so one timeout for all of it
 DEFAULT_CAP = 1000
 APP_NAME = "kloset-blocks ui"
 
@@ -401,12 +402,12 @@ def diff(
 def _keyed_rows(conn: psycopg.Connection[Any], rel: Relation) -> Iterator[tuple[tuple[Any, ...], list[str | None]]]:
     collatable = {c["name"] for c in rel.columns if c["collatable"]}
     order = sql.SQL(", ").join(
-        sql.SQL("{} COLLATE \"C\"").format(sql.Identifier(k)) if k in collatable else sql.Identifier(k)
+        sql.SQL("t.{} COLLATE \"C\"").format(sql.Identifier(k)) if k in collatable else sql.SQL("t.{}").format(sql.Identifier(k))
         for k in rel.primary_key
     )
-    q = sql.SQL("SELECT {keys}, {vals} FROM {rel} ORDER BY {order}").format(
-        keys=sql.SQL(", ").join(sql.Identifier(k) for k in rel.primary_key),
-        vals=sql.SQL(", ").join(sql.SQL("{}::text").format(sql.Identifier(c["name"])) for c in rel.columns),
+    q = sql.SQL("SELECT {keys}, {vals} FROM {rel} AS t ORDER BY {order}").format(
+        keys=sql.SQL(", ").join(sql.SQL("t.{}").format(sql.Identifier(k)) for k in rel.primary_key),
+        vals=sql.SQL(", ").join(sql.SQL("t.{}::text").format(sql.Identifier(c["name"])) for c in rel.columns),
         rel=rel.ident,
         order=order,
     )

@@ -121,6 +121,7 @@ def create_app(
     guard: Guard,
     *,
     timeout: float = db.DEFAULT_TIMEOUT,
+    export_timeout: float = db.EXPORT_TIMEOUT,
     cap: int = db.DEFAULT_CAP,
 ) -> FastAPI:
     app = FastAPI(
@@ -282,7 +283,7 @@ def create_app(
 
         def produce() -> Iterator[Any]:
             with sessions.use(hex_id) as s:  # kept from the reaper until the download ends
-                yield from db.stream_rows(s.conninfo(), database, sql, timeout=timeout)
+                yield from db.stream_rows(s.conninfo(), database, sql, timeout=export_timeout)
 
         rows = produce()
         columns = next(rows)  # errors before the first row are a 400, not a broken download
