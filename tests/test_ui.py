@@ -324,3 +324,47 @@ def test_diff_between_two_snapshots(ui: Ui, page: Any) -> None:
     page.get_by_text("0 added, 0 removed, 10 changed, 199990 unchanged").wait_for(timeout=120_000)
     bold = page.locator("td.cell-changed").all_inner_texts()
     assert bold == ["42"] * 10
+
+
+# --- --max-open and --idle: a second server, API only --------------------------------------------
+
+
+def test_max_open_closes_the_oldest_idle_and_idle_closes(fixtures_dir: Path) -> None:
+    with private_run_root("ui-limits") as root:
+        ui = start_ui(fixtures_dir / "golden-plain", root, "--max-open", "1", "--idle", "4s")
+        try:
+            token = ui.url.split("token=", 1)[1]
+            conn = http.client.HTTPConnection(ui.host, ui.port, timeout=60)
+            conn.request("GET", f"/?token={token}", headers={"Host": f"{ui.host}:{ui.port}"})
+            resp = conn.getresponse()
+            resp.read()
+            assert resp.status == 303
+            cookie = {"Cookie": resp.getheader("set-cookie", "").split(";", 1)[0]}
+
+            def api(method: str, path: str) -> Any:
+                status, text = request(ui, method, path, headers=cookie, body={} if method == "POST" else None)
+                assert status == 200, text
+                return json.loads(text)
+
+            def wait_state(snap: str, want: str) -> None:
+                for _ in range(600):
+                    if api("GET", f"/api/snapshots/{snap}/session")["state"] == want:
+                        return
+                    time.sleep(0.1)
+                raise AssertionError(f"{snap} never {want}")
+
+            api("POST", f"/api/snapshots/{A}/open")
+            wait_state(A, "ready")
+            api("POST", f"/api/snapshots/{B}/open")  # one at a time: A (idle) makes room
+            assert api("GET", f"/api/snapshots/{A}/session")["state"] == "closed"
+            wait_state(B, "ready")
+            assert len(list(root.iterdir())) == 1  # A's chain is gone, B's is up
+            wait_state(B, "closed")  # unused for 4 s
+            texts = [n["text"] for n in api("GET", "/api/notices")["notices"]]
+            assert texts == [
+                f"closed snapshot {A} to make room (--max-open 1)",
+                f"closed snapshot {B}: idle for more than 4 s",
+            ]
+            assert list(root.iterdir()) == []
+        finally:
+            stop_ui(ui)

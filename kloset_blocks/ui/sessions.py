@@ -81,6 +81,7 @@ class Session:
     busy: int = 0
     thread: threading.Thread | None = None
     closing: bool = False
+    teardown_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def short_id(self) -> str:
@@ -181,8 +182,8 @@ class Sessions:
             s = Session(info, last_used=self.clock())
             self._by_id[info.hex_id] = s
         for v in victims:
-            self._notice(f"closed snapshot {v.short_id} to make room (--max-open {self.max_open})")
             self.close(v)
+            self._notice(f"closed snapshot {v.short_id} to make room (--max-open {self.max_open})")
         s.thread = threading.Thread(target=self._bring_up, args=(s,), name=f"kloset-ui-open-{s.short_id}")
         s.thread.start()
         return s
@@ -227,18 +228,21 @@ class Sessions:
         return nbdkit, state
 
     def close(self, s: Session) -> None:
-        with self._lock:
-            s.closing = True
-            chain = s.chain
-            s.chain = None
-            if s.state in (READY, FAILED):
-                s.state = CLOSED
-        if chain is not None:
-            chain.teardown()
+        """Tear the session's chain down; a second caller waits for the first one's teardown."""
+        with s.teardown_lock:
+            with self._lock:
+                s.closing = True
+                chain, s.chain = s.chain, None
+            if chain is not None:
+                chain.teardown()
+            with self._lock:
+                if s.state in (READY, FAILED):
+                    s.state = CLOSED
 
     def close_all(self, wait: float = 120.0) -> None:
         """Stop: no new opens; the opens under way finish (and are torn down); every chain goes."""
         self._stopping.set()
+        self._reaper.join(wait)  # it may be closing a session: let it finish
         deadline = time.monotonic() + wait
         for s in self.all():
             if s.thread is not None:
@@ -257,8 +261,8 @@ class Sessions:
                 if s.state == READY and s.busy == 0 and now - s.last_used > self.idle
             ]
         for s in idle:
-            self._notice(f"closed snapshot {s.short_id}: idle for more than {self.idle:.0f} s")
             self.close(s)
+            self._notice(f"closed snapshot {s.short_id}: idle for more than {self.idle:.0f} s")
         return idle
 
     def _reap_loop(self) -> None:
