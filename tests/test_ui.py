@@ -21,6 +21,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
+from playwright.sync_api import expect, sync_playwright
 
 from kloset_blocks.runtime import RUN_ROOT_ENV, processes_mentioning
 from tests.conftest import REPO, private_run_root
@@ -118,7 +119,6 @@ def ui(fixtures_dir: Path) -> Iterator[Ui]:
 
 @pytest.fixture(scope="module")
 def page(ui: Ui) -> Iterator[Any]:
-    from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
@@ -271,7 +271,7 @@ def test_take_rows_back_as_insert_and_copy(ui: Ui, page: Any) -> None:
         "VALUES ('150', 'customer-150', 'customer150@example.com');\n"
     )
     page.get_by_role("button", name="as COPY").click()
-    page.wait_for_function("document.querySelector('textarea').value.startsWith('COPY')")
+    expect(out).to_have_value(re.compile(r"^COPY"))
     assert out.input_value() == (
         'COPY "public"."restored" ("id", "name", "email") FROM stdin;\n'
         "150\tcustomer-150\tcustomer150@example.com\n\\.\n"
@@ -298,7 +298,7 @@ def test_across_backups_finds_the_backup_that_has_the_row(ui: Ui, page: Any) -> 
     run_sql(page, "select id, name from customers where id = 150")
     page.get_by_text("2 of 2 snapshot(s)").wait_for(timeout=120_000)
     page.get_by_role("button", name="Run", exact=True).wait_for()
-    page.wait_for_function("!document.querySelector('[role=status]').textContent.includes('running')")
+    expect(page.locator("main p[role=status]")).not_to_contain_text("running")
     a = page.get_by_role("region", name=f"Snapshot {A}")
     b = page.get_by_role("region", name=f"Snapshot {B}")
     assert "1 row(s)" in a.inner_text() and "0 row(s)" in b.inner_text()

@@ -54,6 +54,7 @@ function snapLink(s) { return h("a", { href: `#/s/${s.id}`, class: "mono" }, s.s
 
 // A result as an accessible table: <th scope=col> headers, NULL shown as a muted "NULL".
 function resultTable(columns, rows, { marks = null, select = null, caption = null } = {}) {
+  if (!rows.length) return h("p", { class: "muted" }, `no rows (columns: ${columns.join(", ")})`);
   const head = h("tr", {}, select ? h("th", { scope: "col" }, h("span", { class: "sr-only" }, "Select")) : null,
     columns.map((c) => h("th", { scope: "col" }, c)));
   const body = rows.map((row, i) => {
@@ -272,7 +273,7 @@ async function viewTable(id, db, schema, table) {
 function describeTable(t) {
   return h("div", { class: "row" },
     h("div", {}, h("h3", {}, "Columns"), h("table", {}, h("thead", {}, h("tr", {}, ["Column", "Type", "Null"].map((c) => h("th", { scope: "col" }, c)))),
-      h("tbody", {}, t.columns.map((c) => h("tr", {}, h("td", {}, c.name + (t.primary_key.includes(c.name) ? " 🔑" : "")), h("td", {}, c.type), h("td", {}, c.nullable ? "yes" : "no")))))),
+      h("tbody", {}, t.columns.map((c) => h("tr", {}, h("td", {}, c.name, t.primary_key.includes(c.name) ? h("span", { class: "badge" }, "key") : ""), h("td", {}, c.type), h("td", {}, c.nullable ? "yes" : "no")))))),
     h("div", {}, h("h3", {}, "Indexes"), t.indexes.length
       ? h("ul", {}, t.indexes.map((i) => h("li", {}, h("code", {}, i.definition))))
       : h("p", { class: "muted" }, "none")));
