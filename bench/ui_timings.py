@@ -58,7 +58,11 @@ def one_round(store: str, sql: str, database: str) -> dict[str, float]:
     os.chmod(root, 0o711)
     env = {**os.environ, "KLOSET_BLOCKS_RUN_ROOT": str(root)}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "kloset_blocks", "ui", store, "-q"], stdout=subprocess.PIPE, text=True, env=env, cwd=REPO
+        [sys.executable, "-m", "kloset_blocks", "ui", store, "-q"],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=REPO,
     )
     assert proc.stdout is not None
     try:
@@ -77,7 +81,9 @@ def one_round(store: str, sql: str, database: str) -> dict[str, float]:
         t_open = time.monotonic() - t0
         big = max(tables, key=lambda t: t["bytes"])
         t0 = time.monotonic()
-        page = c.call("GET", f"/api/snapshots/{snap}/tables/{big['schema']}/{big['name']}?database={db}&limit=100")
+        page = c.call(
+            "GET", f"/api/snapshots/{snap}/tables/{big['schema']}/{big['name']}?database={db}&limit=100"
+        )
         t_page = time.monotonic() - t0
         assert len(page["rows"]) == min(100, big["estimated_rows"] or 100)
         t0 = time.monotonic()
@@ -106,8 +112,11 @@ def main() -> int:
     for i in range(args.rounds):
         r = one_round(args.store, args.sql, args.database)
         rounds.append(r)
-        print(f"round {i + 1}: open->tables {r['open_to_tables']:.2f} s, first page of {r['largest']} "
-              f"{r['first_page'] * 1000:.0f} ms, across {r['snapshots']} snapshots {r['across']:.2f} s", flush=True)  # fmt: skip
+        print(
+            f"round {i + 1}: open->tables {r['open_to_tables']:.2f} s, first page of {r['largest']} "
+            f"{r['first_page'] * 1000:.0f} ms, across {r['snapshots']} snapshots {r['across']:.2f} s",
+            flush=True,
+        )
     for key in ("open_to_tables", "first_page", "across"):
         print(f"median {key}: {statistics.median(r[key] for r in rounds):.3f} s")
     return 0

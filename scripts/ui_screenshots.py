@@ -19,7 +19,13 @@ from playwright.sync_api import expect, sync_playwright
 
 REPO = Path(__file__).resolve().parent.parent
 A, B = "bf6afbae", "3b116f40"
-ARGS = ["--no-sandbox", "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run"]
+ARGS = [
+    "--no-sandbox",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 
 
 def main() -> int:
@@ -29,7 +35,11 @@ def main() -> int:
     os.chmod(root, 0o711)
     env = {**os.environ, "KLOSET_BLOCKS_RUN_ROOT": str(root)}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "kloset_blocks", "ui", store, "-q"], stdout=subprocess.PIPE, text=True, env=env, cwd=REPO
+        [sys.executable, "-m", "kloset_blocks", "ui", store, "-q"],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=REPO,
     )
     assert proc.stdout is not None
     url = proc.stdout.readline().strip()
@@ -60,7 +70,9 @@ def main() -> int:
 
             page.goto(f"{base}/#/across")
             page.get_by_label("Database").fill("shop")
-            page.get_by_role("textbox", name="SQL").fill("SELECT id, name, email FROM customers WHERE id BETWEEN 149 AND 151")
+            page.get_by_role("textbox", name="SQL").fill(
+                "SELECT id, name, email FROM customers WHERE id BETWEEN 149 AND 151"
+            )
             page.get_by_role("button", name="Run", exact=True).click()
             page.get_by_text("2 of 2 snapshot(s)").wait_for()
             expect(page.locator("main p[role=status]")).not_to_contain_text("running")

@@ -23,7 +23,8 @@ from urllib.parse import urlsplit
 import pytest
 from playwright.sync_api import expect, sync_playwright
 
-from kloset_blocks.runtime import RUN_ROOT_ENV, processes_mentioning
+from kloset_blocks.host.procs import processes_mentioning
+from kloset_blocks.host.rundir import RUN_ROOT_ENV
 from tests.conftest import REPO, private_run_root
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
@@ -56,7 +57,17 @@ def start_ui(store: Path, root: Path, *extra: str) -> Ui:
     env = {**os.environ, RUN_ROOT_ENV: str(root)}
     env.pop("PLAKAR_PASSPHRASE", None)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "kloset_blocks", "ui", str(store), "--timeout", STATEMENT_TIMEOUT, "-q", *extra],
+        [
+            sys.executable,
+            "-m",
+            "kloset_blocks",
+            "ui",
+            str(store),
+            "--timeout",
+            STATEMENT_TIMEOUT,
+            "-q",
+            *extra,
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         stdin=subprocess.DEVNULL,
@@ -66,7 +77,10 @@ def start_ui(store: Path, root: Path, *extra: str) -> Ui:
     )
     assert proc.stdout is not None
     url = proc.stdout.readline().strip()
-    assert re.fullmatch(r"http://127\.0\.0\.1:\d+/\?token=[\w-]{20,}", url), (url, proc.stderr.read() if proc.poll() else "")
+    assert re.fullmatch(r"http://127\.0\.0\.1:\d+/\?token=[\w-]{20,}", url), (
+        url,
+        proc.stderr.read() if proc.poll() else "",
+    )
     return Ui(proc, url, root)
 
 
@@ -92,7 +106,9 @@ def assert_nothing_left(root: Path) -> None:
     assert list(root.iterdir()) == []
 
 
-def request(ui: Ui, method: str, path: str, *, headers: dict[str, str] | None = None, body: Any = None) -> tuple[int, str]:
+def request(
+    ui: Ui, method: str, path: str, *, headers: dict[str, str] | None = None, body: Any = None
+) -> tuple[int, str]:
     """A raw HTTP request (http.client lets a test send a foreign Host)."""
     conn = http.client.HTTPConnection(ui.host, ui.port, timeout=60)
     hdrs = {"Host": f"{ui.host}:{ui.port}", **(headers or {})}
@@ -173,7 +189,9 @@ def test_foreign_host_and_origin_are_refused(ui: Ui, page: Any) -> None:
     assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
     auth = {"Cookie": f"{cookie['name']}={cookie['value']}"}
     assert request(ui, "GET", "/api/snapshots", headers=auth)[0] == 200
-    assert request(ui, "GET", "/api/snapshots", headers={**auth, "Host": f"rebind.example:{ui.port}"})[0] == 403
+    assert (
+        request(ui, "GET", "/api/snapshots", headers={**auth, "Host": f"rebind.example:{ui.port}"})[0] == 403
+    )
     status, _ = request(
         ui, "POST", f"/api/snapshots/{A}/open", headers={**auth, "Origin": "http://evil.example"}, body={}
     )
@@ -205,7 +223,7 @@ def test_open_snapshot_and_browse_a_table(ui: Ui, page: Any) -> None:
     assert heads == ["Select", "id", "name", "email"]
     assert rows[0][1:] == ["1", "customer-1", "customer1@example.com"] and len(rows) == 100
     page.get_by_role("button", name="Next page").click()
-    page.get_by_text("rows 101–200").wait_for()
+    page.get_by_text("rows 101\N{EN DASH}200").wait_for()
     _, rows = table_rows(page)
     assert [r[1] for r in rows] == [str(i) for i in range(101, 201)]
 
@@ -231,7 +249,11 @@ def test_row_cap_and_streamed_export(ui: Ui, page: Any) -> None:
     assert rows[1] == ["1", "0"] and rows[-1] == ["200000", "0"]
     resp = page.request.get(
         f"{ui.base}/api/snapshots/{A}/export",
-        params={"database": "shop", "sql": "select id, name from customers where id in (1, 150)", "format": "json"},
+        params={
+            "database": "shop",
+            "sql": "select id, name from customers where id in (1, 150)",
+            "format": "json",
+        },
     )
     assert resp.ok
     assert resp.json() == {"columns": ["id", "name"], "rows": [["1", "customer-1"], ["150", "customer-150"]]}
@@ -284,10 +306,17 @@ def test_take_back_literals_round_trip_through_postgres(ui: Ui, page: Any) -> No
     api = page.request
     text = api.post(
         f"{ui.base}/api/takeback",
-        data={"table": "t", "columns": [f"c{i}" for i in range(len(values))], "rows": [values], "format": "insert"},
+        data={
+            "table": "t",
+            "columns": [f"c{i}" for i in range(len(values))],
+            "rows": [values],
+            "format": "insert",
+        },
     ).text()
     literals = text.split(" VALUES ", 1)[1].rstrip(";\n")
-    got = api.post(f"{ui.base}/api/snapshots/{A}/sql", data={"database": "shop", "sql": f"select {literals[1:-1]}"})
+    got = api.post(
+        f"{ui.base}/api/snapshots/{A}/sql", data={"database": "shop", "sql": f"select {literals[1:-1]}"}
+    )
     assert got.ok, got.text()
     assert got.json()["rows"] == [values]
 
@@ -342,7 +371,9 @@ def test_max_open_closes_the_oldest_idle_and_idle_closes(fixtures_dir: Path) -> 
             cookie = {"Cookie": resp.getheader("set-cookie", "").split(";", 1)[0]}
 
             def api(method: str, path: str) -> Any:
-                status, text = request(ui, method, path, headers=cookie, body={} if method == "POST" else None)
+                status, text = request(
+                    ui, method, path, headers=cookie, body={} if method == "POST" else None
+                )
                 assert status == 200, text
                 return json.loads(text)
 

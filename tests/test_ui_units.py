@@ -14,7 +14,9 @@ from kloset_blocks.ui.db import copy_text, insert_statements, one_statement, quo
 from kloset_blocks.ui.web import Guard
 
 
-@pytest.mark.parametrize(("text", "seconds"), [("10m", 600), ("30s", 30), ("1h", 3600), ("250ms", 0.25), ("7", 7)])
+@pytest.mark.parametrize(
+    ("text", "seconds"), [("10m", 600), ("30s", 30), ("1h", 3600), ("250ms", 0.25), ("7", 7)]
+)
 def test_parse_duration(text: str, seconds: float) -> None:
     assert parse_duration(text) == seconds
 
@@ -39,7 +41,7 @@ def test_table_name_quotes_each_part() -> None:
 def test_insert_and_copy() -> None:
     rows = [["1", None, "tab\there\nline \\ end"]]
     assert insert_statements("t", ["a", "b", "c"], rows) == (
-        "INSERT INTO \"t\" (\"a\", \"b\", \"c\") VALUES ('1', NULL, E'tab\there\nline \\\\ end');\n"
+        'INSERT INTO "t" ("a", "b", "c") VALUES (\'1\', NULL, E\'tab\there\nline \\\\ end\');\n'
     )
     assert copy_text("s.t", ["a", "b", "c"], rows) == (
         'COPY "s"."t" ("a", "b", "c") FROM stdin;\n1\t\\N\ttab\\there\\nline \\\\ end\n\\.\n'

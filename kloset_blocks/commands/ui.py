@@ -14,7 +14,7 @@ import socket
 from typing import Any
 
 from kloset_blocks.errors import UsageError
-from kloset_blocks.runtime import Progress
+from kloset_blocks.host.progress import Progress
 
 DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h)?")
 UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
@@ -45,8 +45,8 @@ def bind(host: str, port: int) -> socket.socket:
 def cmd_ui(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from kloset_blocks.app.query import opened_store
     from kloset_blocks.commands.run import require_root
-    from kloset_blocks.query import opened_store
     from kloset_blocks.ui.sessions import Sessions
     from kloset_blocks.ui.web import Guard, create_app
 
@@ -121,4 +121,3 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("-q", "--quiet", action="store_true", help="nothing on stderr but errors")
     p.set_defaults(handler=cmd_ui)
-

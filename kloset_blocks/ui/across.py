@@ -16,9 +16,9 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from kloset_blocks import pg
+from kloset_blocks import postgres as pg
+from kloset_blocks.app.query import QueryOptions, QueryRun, Result
 from kloset_blocks.errors import KlosetError
-from kloset_blocks.query import QueryOptions, QueryRun, Result
 from kloset_blocks.ui import db
 
 
@@ -114,7 +114,7 @@ class AcrossJob:
             self.state = "done"
         except KlosetError as e:
             self.state, self.error = "error", str(e)
-        except BaseException as e:  # noqa: BLE001 - a job's failure is its answer, not the server's
+        except BaseException as e:
             self.state, self.error = "error", f"internal error: {type(e).__name__}: {e}"
         finally:
             self.seconds = time.monotonic() - self.started

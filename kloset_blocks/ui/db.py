@@ -75,7 +75,9 @@ def read_only(
     conn = connect(conninfo, db, text=text)
     try:
         conn.execute("BEGIN TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-        conn.execute(sql.SQL("SET LOCAL statement_timeout = {}").format(sql.Literal(f"{int(timeout * 1000)}ms")))
+        conn.execute(
+            sql.SQL("SET LOCAL statement_timeout = {}").format(sql.Literal(f"{int(timeout * 1000)}ms"))
+        )
         yield conn
     except psycopg.Error as e:
         raise SqlError(_message(e)) from None
@@ -265,10 +267,22 @@ def databases(conninfo: dict[str, Any], timeout: float = DEFAULT_TIMEOUT) -> lis
 
 
 def tables(conninfo: dict[str, Any], db: str, timeout: float = DEFAULT_TIMEOUT) -> list[dict[str, Any]]:
-    kinds = {"r": "table", "p": "partitioned table", "v": "view", "m": "materialized view", "f": "foreign table"}
+    kinds = {
+        "r": "table",
+        "p": "partitioned table",
+        "v": "view",
+        "m": "materialized view",
+        "f": "foreign table",
+    }
     with read_only(conninfo, db, timeout) as conn:
         return [
-            {"schema": s, "name": n, "kind": kinds.get(k, k), "bytes": int(b), "estimated_rows": None if r is None else int(r)}
+            {
+                "schema": s,
+                "name": n,
+                "kind": kinds.get(k, k),
+                "bytes": int(b),
+                "estimated_rows": None if r is None else int(r),
+            }
             for s, n, k, b, r in conn.execute(TABLES)
         ]
 
@@ -338,7 +352,9 @@ def page(
         if after:
             if len(after) != nk:
                 raise SqlError(f"the page key has {len(after)} value(s), the table's key {nk}")
-            where = sql.SQL(" WHERE ({}) > ({})").format(key_list, sql.SQL(", ").join([sql.Placeholder()] * nk))
+            where = sql.SQL(" WHERE ({}) > ({})").format(
+                key_list, sql.SQL(", ").join([sql.Placeholder()] * nk)
+            )
             params = list(after)
         q = sql.SQL("SELECT {keys}, t.* FROM {rel} AS t{where} ORDER BY {keys} LIMIT {n}").format(
             keys=sql.SQL(", ").join(sql.SQL("t.{}").format(k) for k in keys),
@@ -383,7 +399,9 @@ def diff(
         ra, rb = relation(ca, schema, name), relation(cb, schema, name)
         if not ra.primary_key:
             raise SqlError(f"{schema}.{name} has no primary key: a diff matches rows by it")
-        if [c["name"] for c in ra.columns] != [c["name"] for c in rb.columns] or ra.primary_key != rb.primary_key:
+        if [c["name"] for c in ra.columns] != [
+            c["name"] for c in rb.columns
+        ] or ra.primary_key != rb.primary_key:
             raise SqlError(f"{schema}.{name} has different columns or keys in the two snapshots")
         out: dict[str, Any] = {
             "columns": [c["name"] for c in ra.columns],
@@ -399,10 +417,14 @@ def diff(
     return out
 
 
-def _keyed_rows(conn: psycopg.Connection[Any], rel: Relation) -> Iterator[tuple[tuple[Any, ...], list[str | None]]]:
+def _keyed_rows(
+    conn: psycopg.Connection[Any], rel: Relation
+) -> Iterator[tuple[tuple[Any, ...], list[str | None]]]:
     collatable = {c["name"] for c in rel.columns if c["collatable"]}
     order = sql.SQL(", ").join(
-        sql.SQL("t.{} COLLATE \"C\"").format(sql.Identifier(k)) if k in collatable else sql.SQL("t.{}").format(sql.Identifier(k))
+        sql.SQL('t.{} COLLATE "C"').format(sql.Identifier(k))
+        if k in collatable
+        else sql.SQL("t.{}").format(sql.Identifier(k))
         for k in rel.primary_key
     )
     q = sql.SQL("SELECT {keys}, {vals} FROM {rel} AS t ORDER BY {order}").format(
@@ -468,7 +490,7 @@ def quote_literal(value: str | None) -> str:
 
 def table_name(qualified: str) -> str:
     """`schema.table` or `table`, each part quoted."""
-    parts = [p for p in qualified.split(".", 1)] if qualified.strip() else ["restored"]
+    parts = qualified.split(".", 1) if qualified.strip() else ["restored"]
     return ".".join(quote_ident(p.strip()) for p in parts)
 
 

@@ -20,12 +20,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kloset_blocks import pg
-from kloset_blocks.attach import RUN_DIR_TOKEN, STATS_FILE, Chain
-from kloset_blocks.commands.run import pg_session
+from kloset_blocks import postgres as pg
+from kloset_blocks.app.check import _check_root
+from kloset_blocks.app.sessions import pg_session
 from kloset_blocks.errors import KlosetError
-from kloset_blocks.runtime import Progress
-from kloset_blocks.serve import _check_root, nbdkit_argv
+from kloset_blocks.host.chain import RUN_DIR_TOKEN, Chain
+from kloset_blocks.host.progress import Progress
+from kloset_blocks.serving.nbdkit import STATS_FILE, nbdkit_argv
 
 OPENING, READY, FAILED, CLOSED = "opening", "ready", "error", "closed"
 

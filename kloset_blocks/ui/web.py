@@ -23,13 +23,19 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Query, Request
-from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
-from fastapi.responses import StreamingResponse
+from fastapi.responses import (
+    FileResponse,
+    JSONResponse,
+    PlainTextResponse,
+    RedirectResponse,
+    Response,
+    StreamingResponse,
+)
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
+from kloset_blocks.app.query import select_snapshots
 from kloset_blocks.errors import KlosetError
-from kloset_blocks.query import select_snapshots
 from kloset_blocks.ui import db
 from kloset_blocks.ui.across import AcrossJob
 from kloset_blocks.ui.sessions import Busy, Sessions
@@ -171,7 +177,7 @@ def create_app(
     def version_of(info: Any) -> dict[str, Any]:
         """The snapshot's PostgreSQL major (or why it cannot be served), checked once."""
         if info.hex_id not in versions:
-            from kloset_blocks.serve import _check_root
+            from kloset_blocks.app.check import _check_root
 
             try:
                 with sessions.store_lock:
@@ -256,7 +262,12 @@ def create_app(
         summary="A table's columns, indexes and one page of rows (keyset: `after` is the last key, JSON)",
     )
     def table_page(
-        ref: str, schema: str, table: str, database: str, after: str | None = None, limit: int = Query(100, le=1000)
+        ref: str,
+        schema: str,
+        table: str,
+        database: str,
+        after: str | None = None,
+        limit: int = Query(100, le=1000),
     ) -> dict[str, Any]:
         key = json.loads(after) if after else None
         if key is not None and not (isinstance(key, list) and all(isinstance(k, str) for k in key)):
@@ -278,7 +289,9 @@ def create_app(
         return {"cancelled": cancels.cancel(run_id)}
 
     @app.get("/api/snapshots/{ref}/export", summary="The full result of one statement, streamed (csv | json)")
-    def export(ref: str, database: str, sql: str, format: str = Query("csv", pattern="^(csv|json)$")) -> Response:
+    def export(
+        ref: str, database: str, sql: str, format: str = Query("csv", pattern="^(csv|json)$")
+    ) -> Response:
         hex_id = info_for(ref).hex_id
 
         def produce() -> Iterator[Any]:
@@ -290,7 +303,9 @@ def create_app(
         body = _csv(columns, rows) if format == "csv" else _json(columns, rows)
         media = "text/csv; charset=utf-8" if format == "csv" else "application/json"
         name = f"{hex_id[:8]}-result.{format}"
-        return StreamingResponse(body, media_type=media, headers={"Content-Disposition": f'attachment; filename="{name}"'})
+        return StreamingResponse(
+            body, media_type=media, headers={"Content-Disposition": f'attachment; filename="{name}"'}
+        )
 
     # ---- across backups, diff, take it back ---------------------------------------------------
 
@@ -318,9 +333,13 @@ def create_app(
     @app.post("/api/diff", summary="A table between two open snapshots: rows added, removed, changed")
     def diff(body: DiffRequest) -> dict[str, Any]:
         with sessions.use(info_for(body.a).hex_id) as a, sessions.use(info_for(body.b).hex_id) as b:
-            return db.diff(a.conninfo(), b.conninfo(), body.database, body.schema_, body.table, cap=cap, timeout=timeout)
+            return db.diff(
+                a.conninfo(), b.conninfo(), body.database, body.schema_, body.table, cap=cap, timeout=timeout
+            )
 
-    @app.post("/api/takeback", summary="Rows as INSERT statements or COPY text", response_class=PlainTextResponse)
+    @app.post(
+        "/api/takeback", summary="Rows as INSERT statements or COPY text", response_class=PlainTextResponse
+    )
     def takeback(body: TakeBackRequest) -> PlainTextResponse:
         render = db.insert_statements if body.format == "insert" else db.copy_text
         return PlainTextResponse(render(body.table, body.columns, body.rows))
