@@ -42,7 +42,7 @@ CHROMIUM_ARGS = [
     "--disable-sync",
     "--no-first-run",
 ]
-STATEMENT_TIMEOUT = "3s"
+STATEMENT_TIMEOUT = "5s"
 
 
 class Ui:
@@ -53,9 +53,11 @@ class Ui:
         self.base = f"http://{self.host}:{self.port}"
 
 
-def start_ui(store: Path, root: Path, *extra: str) -> Ui:
+def start_ui(store: Path, root: Path, *extra: str, passphrase: str | None = None) -> Ui:
     env = {**os.environ, RUN_ROOT_ENV: str(root)}
     env.pop("PLAKAR_PASSPHRASE", None)
+    if passphrase is not None:
+        env["PLAKAR_PASSPHRASE"] = passphrase
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -226,6 +228,12 @@ def test_open_snapshot_and_browse_a_table(ui: Ui, page: Any) -> None:
     page.get_by_text("rows 101\N{EN DASH}200").wait_for()
     _, rows = table_rows(page)
     assert [r[1] for r in rows] == [str(i) for i in range(101, 201)]
+    page.get_by_label("Select row 50").check()  # id 150
+    page.get_by_role("button", name="Selected rows as INSERT").click()
+    expect(page.get_by_label("Take it back", exact=True)).to_have_value(
+        'INSERT INTO "public"."customers" ("id", "name", "email") '
+        "VALUES ('150', 'customer-150', 'customer150@example.com');\n"
+    )
 
 
 def test_run_a_statement(ui: Ui, page: Any) -> None:
@@ -233,6 +241,14 @@ def test_run_a_statement(ui: Ui, page: Any) -> None:
     run_sql(page, "select count(*), sum(id) from customers")
     page.get_by_text("1 row(s)").wait_for()
     assert table_rows(page) == (["count", "sum"], [["5000", "12502500"]])
+    page.get_by_role("button", name="EXPLAIN").click()
+    page.get_by_role("columnheader", name="QUERY PLAN").wait_for()
+    assert "Aggregate" in page.locator("main table").last.inner_text()
+    assert "select count(*), sum(id) from customers" in page.get_by_label("History").inner_text()
+    markup = '<b id="xss">bold</b><img src=x onerror="document.title=1">'
+    run_sql(page, f"select '{markup}' as v")
+    page.get_by_role("cell", name=markup).wait_for()  # shown as text, never parsed as HTML
+    assert page.locator("#xss").count() == 0 and page.title() == "kloset-blocks ui"
 
 
 def test_row_cap_and_streamed_export(ui: Ui, page: Any) -> None:
@@ -275,10 +291,22 @@ def test_pg_sleep_is_cut_by_the_statement_timeout(ui: Ui, page: Any) -> None:
     t0 = time.monotonic()
     run_sql(page, "select pg_sleep(60)")
     page.get_by_role("alert").filter(has_text="statement timeout").wait_for()
-    assert time.monotonic() - t0 < 60  # cut, not finished (the timeout itself is 3 s)
+    assert time.monotonic() - t0 < 60  # cut, not finished (the timeout itself is 5 s)
     run_sql(page, "set statement_timeout = 0")  # one statement, one transaction: nothing carries over
     run_sql(page, "select pg_sleep(60)")
     page.get_by_role("alert").filter(has_text="statement timeout").wait_for()
+
+
+def test_cancel_stops_a_running_statement(ui: Ui, page: Any) -> None:
+    open_snapshot(page, ui, A)
+    run_sql(page, "select pg_sleep(60), 'cancel-me'")
+    probe = "select count(*) from pg_stat_activity where query like '%cancel-me%' and state = 'active'"
+    for _ in range(200):  # until the server runs it (its own word), then Cancel
+        got = page.request.post(f"{ui.base}/api/snapshots/{A}/sql", data={"database": "shop", "sql": probe})
+        if got.json()["rows"] == [["2"]]:  # the sleeper and this probe
+            break
+    page.get_by_role("button", name="Cancel", exact=True).click()
+    page.get_by_role("alert").filter(has_text="canceling statement due to user request").wait_for()
 
 
 def test_take_rows_back_as_insert_and_copy(ui: Ui, page: Any) -> None:
@@ -397,5 +425,69 @@ def test_max_open_closes_the_oldest_idle_and_idle_closes(fixtures_dir: Path) -> 
                 f"closed snapshot {B}: idle for more than 4 s",
             ]
             assert list(root.iterdir()) == []
+        finally:
+            stop_ui(ui)
+
+
+# --- other stores: encrypted, not PostgreSQL, a wrong passphrase -----------------------------------
+
+
+def api_session(ui: Ui) -> dict[str, str]:
+    token = ui.url.split("token=", 1)[1]
+    conn = http.client.HTTPConnection(ui.host, ui.port, timeout=60)
+    conn.request("GET", f"/?token={token}", headers={"Host": f"{ui.host}:{ui.port}"})
+    resp = conn.getresponse()
+    resp.read()
+    assert resp.status == 303
+    return {"Cookie": resp.getheader("set-cookie", "").split(";", 1)[0]}
+
+
+def test_encrypted_store_with_the_passphrase_from_the_environment(fixtures_dir: Path) -> None:
+    with private_run_root("ui-enc") as root:
+        ui = start_ui(fixtures_dir / "golden-enc", root, passphrase="correct horse battery staple")
+        try:
+            assert "correct" not in ui.url
+            status, text = request(ui, "GET", "/api/snapshots", headers=api_session(ui))
+            assert status == 200, text
+            snaps = json.loads(text)["snapshots"]
+            assert [(s["short_id"], s["pg_major"]) for s in snaps] == [("0b3eff1d", "15")]
+        finally:
+            stop_ui(ui)
+
+
+def test_wrong_passphrase_is_one_line_and_nothing_starts(fixtures_dir: Path) -> None:
+    env = {**os.environ, "PLAKAR_PASSPHRASE": "wrong"}
+    p = subprocess.run(
+        [sys.executable, "-m", "kloset_blocks", "ui", str(fixtures_dir / "golden-enc")],
+        capture_output=True, text=True, env=env, cwd=REPO, stdin=subprocess.DEVNULL, timeout=120,
+    )  # fmt: skip
+    assert p.returncode == 1 and p.stdout == ""
+    assert p.stderr.startswith("kloset-blocks: ") and len(p.stderr.strip().splitlines()) == 1
+
+
+def test_a_snapshot_that_is_not_postgresql_says_so(tmp_path: Path) -> None:
+    src = tmp_path / "files"
+    src.mkdir()
+    (src / "hello.txt").write_text("not a database\n")
+    store = tmp_path / "store"
+    subprocess.run(
+        [sys.executable, "-m", "kloset_blocks", "mkstore", str(store), "--from-dir", str(src), "--plaintext"],
+        check=True, capture_output=True, cwd=REPO,
+    )  # fmt: skip
+    with private_run_root("ui-nopg") as root:
+        ui = start_ui(store, root)
+        try:
+            auth = api_session(ui)
+            snaps = json.loads(request(ui, "GET", "/api/snapshots", headers=auth)[1])["snapshots"]
+            assert snaps[0]["pg_major"] is None and "PostgreSQL" in snaps[0]["problem"]
+            ref = snaps[0]["short_id"]
+            request(ui, "POST", f"/api/snapshots/{ref}/open", headers=auth, body={})
+            for _ in range(100):
+                s = json.loads(request(ui, "GET", f"/api/snapshots/{ref}/session", headers=auth)[1])
+                if s["state"] != "opening":
+                    break
+                time.sleep(0.1)
+            assert s["state"] == "error" and "PostgreSQL" in s["error"]
+            assert request(ui, "GET", "/api/snapshots", headers=auth)[0] == 200  # the rest keeps working
         finally:
             stop_ui(ui)
