@@ -17,7 +17,6 @@ import json
 import os
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,19 +24,15 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-REPO = Path(__file__).resolve().parent.parent
+from kloset_blocks.ui.launch import REPO, login, spawn
 
 
 class Client:
     def __init__(self, url: str) -> None:
         parts = urlsplit(url)
         self.host, self.port = parts.hostname or "", parts.port or 0
-        conn = http.client.HTTPConnection(self.host, self.port, timeout=600)
-        conn.request("GET", f"/?{parts.query}")
-        resp = conn.getresponse()
-        resp.read()
-        self.cookie = resp.getheader("set-cookie", "").split(";", 1)[0]
-        self.conn = conn
+        self.cookie = login(url)
+        self.conn = http.client.HTTPConnection(self.host, self.port, timeout=600)
 
     def call(self, method: str, path: str, body: Any = None) -> Any:
         headers = {"Cookie": self.cookie}
@@ -56,17 +51,9 @@ class Client:
 def one_round(store: str, sql: str, database: str) -> dict[str, float]:
     root = Path(tempfile.mkdtemp(prefix="kb-ui-bench-", dir="/run"))
     os.chmod(root, 0o711)
-    env = {**os.environ, "KLOSET_BLOCKS_RUN_ROOT": str(root)}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "kloset_blocks", "ui", store, "-q"],
-        stdout=subprocess.PIPE,
-        text=True,
-        env=env,
-        cwd=REPO,
-    )
-    assert proc.stdout is not None
+    proc, url = spawn(store, root, "-q")
     try:
-        c = Client(proc.stdout.readline().strip())
+        c = Client(url)
         snaps = c.call("GET", "/api/snapshots")["snapshots"]
         snap = snaps[0]["id"]  # the newest
         t0 = time.monotonic()

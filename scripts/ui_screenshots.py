@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 from playwright.sync_api import expect, sync_playwright
 
-REPO = Path(__file__).resolve().parent.parent
+from kloset_blocks.ui.launch import REPO, spawn
+
 A, B = "bf6afbae", "3b116f40"
 ARGS = [
     "--no-sandbox",
@@ -33,16 +33,7 @@ def main() -> int:
     out = Path(sys.argv[2] if len(sys.argv) > 2 else REPO / "docs")
     root = Path(tempfile.mkdtemp(prefix="kb-ui-shots-", dir="/run"))
     os.chmod(root, 0o711)
-    env = {**os.environ, "KLOSET_BLOCKS_RUN_ROOT": str(root)}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "kloset_blocks", "ui", store, "-q"],
-        stdout=subprocess.PIPE,
-        text=True,
-        env=env,
-        cwd=REPO,
-    )
-    assert proc.stdout is not None
-    url = proc.stdout.readline().strip()
+    proc, url = spawn(store, root, "-q")
     base = url.split("/?", 1)[0]
     try:
         with sync_playwright() as p:

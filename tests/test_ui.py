@@ -24,7 +24,7 @@ import pytest
 from playwright.sync_api import expect, sync_playwright
 
 from kloset_blocks.host.procs import processes_mentioning
-from kloset_blocks.host.rundir import RUN_ROOT_ENV
+from kloset_blocks.ui.launch import login, spawn
 from tests.conftest import REPO, private_run_root
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
@@ -54,31 +54,7 @@ class Ui:
 
 
 def start_ui(store: Path, root: Path, *extra: str, passphrase: str | None = None) -> Ui:
-    env = {**os.environ, RUN_ROOT_ENV: str(root)}
-    env.pop("PLAKAR_PASSPHRASE", None)
-    if passphrase is not None:
-        env["PLAKAR_PASSPHRASE"] = passphrase
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "kloset_blocks",
-            "ui",
-            str(store),
-            "--timeout",
-            STATEMENT_TIMEOUT,
-            "-q",
-            *extra,
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        stdin=subprocess.DEVNULL,
-        text=True,
-        cwd=REPO,
-        env=env,
-    )
-    assert proc.stdout is not None
-    url = proc.stdout.readline().strip()
+    proc, url = spawn(store, root, "--timeout", STATEMENT_TIMEOUT, "-q", *extra, passphrase=passphrase)
     assert re.fullmatch(r"http://127\.0\.0\.1:\d+/\?token=[\w-]{20,}", url), (
         url,
         proc.stderr.read() if proc.poll() else "",
@@ -390,13 +366,7 @@ def test_max_open_closes_the_oldest_idle_and_idle_closes(fixtures_dir: Path) -> 
     with private_run_root("ui-limits") as root:
         ui = start_ui(fixtures_dir / "golden-plain", root, "--max-open", "1", "--idle", "4s")
         try:
-            token = ui.url.split("token=", 1)[1]
-            conn = http.client.HTTPConnection(ui.host, ui.port, timeout=60)
-            conn.request("GET", f"/?token={token}", headers={"Host": f"{ui.host}:{ui.port}"})
-            resp = conn.getresponse()
-            resp.read()
-            assert resp.status == 303
-            cookie = {"Cookie": resp.getheader("set-cookie", "").split(";", 1)[0]}
+            cookie = {"Cookie": login(ui.url)}
 
             def api(method: str, path: str) -> Any:
                 status, text = request(
@@ -433,13 +403,7 @@ def test_max_open_closes_the_oldest_idle_and_idle_closes(fixtures_dir: Path) -> 
 
 
 def api_session(ui: Ui) -> dict[str, str]:
-    token = ui.url.split("token=", 1)[1]
-    conn = http.client.HTTPConnection(ui.host, ui.port, timeout=60)
-    conn.request("GET", f"/?token={token}", headers={"Host": f"{ui.host}:{ui.port}"})
-    resp = conn.getresponse()
-    resp.read()
-    assert resp.status == 303
-    return {"Cookie": resp.getheader("set-cookie", "").split(";", 1)[0]}
+    return {"Cookie": login(ui.url)}
 
 
 def test_encrypted_store_with_the_passphrase_from_the_environment(fixtures_dir: Path) -> None:
