@@ -42,6 +42,7 @@ from kloset_blocks.ui.sessions import Busy, Sessions
 
 STATIC = Path(__file__).resolve().parent / "static"
 COOKIE = "kb_ui"
+MAX_JOBS_KEPT = 20
 CSP = (
     "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
     "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
@@ -317,6 +318,8 @@ def create_app(
             sessions.location, store, infos, body.sql, body.database,
             run_root=None if sessions.run_root is None else str(sessions.run_root), cap=cap, timeout=timeout,
         )  # fmt: skip
+        for old in [j for j in app.state.jobs.values() if j.state != "running"][:-MAX_JOBS_KEPT]:
+            del app.state.jobs[old.id]  # finished jobs keep their rows for the page: a few at most
         app.state.jobs[job.id] = job
         job.start()
         return job.as_json()
