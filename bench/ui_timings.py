@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from kloset_blocks.ui.launch import REPO, login, spawn
+from kloset_blocks.web.launch import REPO, login, spawn
 
 
 class Client:

@@ -15,7 +15,7 @@ APT_PACKAGES=(
   chromium fonts-dejavu-core   # `kloset-blocks ui`'s browser tests (Playwright drives Debian's chromium)
 )
 
-# `ui`'s front end is bundled from npm packages (web/package-lock.json): node and npm from Debian
+# `ui`'s front end is bundled from npm packages (frontend/package-lock.json): node and npm from Debian
 # unless the machine has them already.
 command -v npm >/dev/null 2>&1 || APT_PACKAGES+=(nodejs npm)
 
@@ -27,8 +27,8 @@ if ((${#missing[@]})); then
   [ "$(id -u)" = 0 ] || { echo "deps: need root to install: ${missing[*]}" >&2; exit 1; }
   echo "deps: installing ${missing[*]}" >&2
   export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
-  apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
+  apt-get -o DPkg::Lock::Timeout=600 update -qq
+  apt-get -o DPkg::Lock::Timeout=600 install -y -q --no-install-recommends "${missing[@]}" >/dev/null
   # Debian starts a default cluster on install; tests run their own clusters.
   systemctl disable --now postgresql >/dev/null 2>&1 || true
 fi
@@ -48,16 +48,16 @@ fi
 # changed files are recompiled, so this is cheap to run every time.
 "$VENV/bin/python" -m compileall -q kloset_blocks nbdplugin >/dev/null
 
-# `ui`'s front end: CodeMirror from npm (web/package-lock.json), bundled by esbuild into one file
+# `ui`'s front end: CodeMirror from npm (frontend/package-lock.json), bundled by esbuild into one file
 # the page loads from our own server (nothing from the internet at page load). Rebuilt only when
 # the lock file or the entry point changes.
-UI_OUT=kloset_blocks/ui/static/vendor/editor.js
-UI_STAMP="web/node_modules/.kb-$(cat web/package-lock.json web/editor.js | sha256sum | cut -c1-16)"
+UI_OUT=kloset_blocks/web/static/vendor/editor.js
+UI_STAMP="frontend/node_modules/.kb-$(cat frontend/package-lock.json frontend/editor.js | sha256sum | cut -c1-16)"
 if [ ! -e "$UI_STAMP" ] || [ ! -e "$UI_OUT" ]; then
-  (cd web && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
+  (cd frontend && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
   mkdir -p "$(dirname "$UI_OUT")"
-  web/node_modules/.bin/esbuild web/editor.js --bundle --minify --format=iife --log-level=warning \
+  frontend/node_modules/.bin/esbuild frontend/editor.js --bundle --minify --format=iife --log-level=warning \
     --outfile="$UI_OUT"
-  rm -f web/node_modules/.kb-*
+  rm -f frontend/node_modules/.kb-*
   touch "$UI_STAMP"
 fi

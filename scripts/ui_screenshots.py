@@ -16,7 +16,7 @@ from pathlib import Path
 
 from playwright.sync_api import expect, sync_playwright
 
-from kloset_blocks.ui.launch import REPO, spawn
+from kloset_blocks.web.launch import REPO, spawn
 
 A, B = "bf6afbae", "3b116f40"
 ARGS = [

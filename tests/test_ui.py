@@ -24,7 +24,7 @@ import pytest
 from playwright.sync_api import expect, sync_playwright
 
 from kloset_blocks.host.procs import processes_mentioning
-from kloset_blocks.ui.launch import login, spawn
+from kloset_blocks.web.launch import login, spawn
 from tests.conftest import REPO, private_run_root
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]

@@ -9,9 +9,9 @@ import pytest
 
 from kloset_blocks.commands.ui import parse_duration
 from kloset_blocks.errors import UsageError
-from kloset_blocks.ui.across import mark_changes
-from kloset_blocks.ui.db import copy_text, insert_statements, one_statement, quote_literal, table_name
-from kloset_blocks.ui.web import Guard
+from kloset_blocks.web.across import mark_changes
+from kloset_blocks.web.app import Guard
+from kloset_blocks.web.db import copy_text, insert_statements, one_statement, quote_literal, table_name
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-# `kloset-blocks ui STORE`: the viewer, a local web page over kloset_blocks.ui.
+# `kloset-blocks ui STORE`: the viewer, a local web page over kloset_blocks.web.
 #
 # The store is opened here (a passphrase from --passphrase-file, $PLAKAR_PASSPHRASE or a prompt:
 # never from a URL), the socket is bound before anything is printed, and the first line on stdout
@@ -47,8 +47,8 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
     from kloset_blocks.app.query import opened_store
     from kloset_blocks.commands.run import require_root
-    from kloset_blocks.ui.sessions import Sessions
-    from kloset_blocks.ui.web import Guard, create_app
+    from kloset_blocks.web.app import Guard, create_app
+    from kloset_blocks.web.sessions import Sessions
 
     require_root()
     idle, timeout = parse_duration(args.idle), parse_duration(args.timeout)

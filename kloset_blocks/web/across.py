@@ -19,7 +19,7 @@ from typing import Any
 from kloset_blocks import postgres as pg
 from kloset_blocks.app.query import QueryOptions, QueryRun, Result
 from kloset_blocks.errors import KlosetError
-from kloset_blocks.ui import db
+from kloset_blocks.web import db
 
 
 class PageQueryRun(QueryRun):

@@ -2,7 +2,7 @@
 #
 # Strategy: opening runs in a thread (phases recorded by LiveProgress as they start and end, for the
 # page to poll); the nbdkit command is built here from the store opened once by the ui process (the
-# checks of serve.prepare, the key derived already), then pg_session brings up the same chain
+# check of app.check.prepare, the key derived already), then pg_session brings up the same chain
 # `kloset-blocks psql` uses. A reaper thread closes a session idle for longer than `idle`; opening
 # one more than `max_open` closes the least recently used idle session first (a notice says so),
 # and is refused if every open session is busy.
@@ -21,10 +21,11 @@ from pathlib import Path
 from typing import Any
 
 from kloset_blocks import postgres as pg
-from kloset_blocks.app.check import _check_root
+from kloset_blocks.app.check import check_snapshot
 from kloset_blocks.app.sessions import pg_session
 from kloset_blocks.errors import KlosetError
-from kloset_blocks.host.chain import RUN_DIR_TOKEN, Chain
+from kloset_blocks.host.backing import RUN_DIR_TOKEN, NbdkitBacking
+from kloset_blocks.host.chain import Chain
 from kloset_blocks.host.progress import Progress
 from kloset_blocks.serving.nbdkit import STATS_FILE, nbdkit_argv
 
@@ -192,9 +193,9 @@ class Sessions:
     def _bring_up(self, s: Session) -> None:
         try:
             with s.progress.phase("open"):
-                nbdkit, state = self._nbdkit_for(s.info)
+                backing, state = self._backing_for(s.info)
             chain, server = pg_session(
-                nbdkit, read_only=True, progress=s.progress, run_root=self.run_root, state=state
+                backing, read_only=True, progress=s.progress, run_root=self.run_root, state=state
             )
         except KlosetError as e:
             s.state, s.error = FAILED, str(e)
@@ -211,13 +212,12 @@ class Sessions:
             chain.teardown()
             s.state = CLOSED
 
-    def _nbdkit_for(self, info: Any) -> tuple[tuple[list[str], dict[str, str | None]], dict[str, Any]]:
-        """serve.prepare's checks and command, from the store this process holds open."""
+    def _backing_for(self, info: Any) -> tuple[NbdkitBacking, dict[str, Any]]:
+        """app.check.prepare's check and nbdkit backing, from the store this process holds open."""
         with self.store_lock:
-            snapshot = self.store.open_snapshot(info.hex_id)
-            _check_root(snapshot, None, True)  # a data directory, a server for its major
+            check_snapshot(self.store.open_snapshot(info.hex_id), pgdata=True)
             key = self.store.codec.key
-        nbdkit = nbdkit_argv(
+        argv, env = nbdkit_argv(
             self.location,
             info.hex_id,
             owner=pg.PG_USER,
@@ -226,7 +226,7 @@ class Sessions:
             stats=f"{RUN_DIR_TOKEN}/{STATS_FILE}",
         )
         state = {"served": {"snapshot": info.hex_id, "logical_size": info.size, "stats": STATS_FILE}}
-        return nbdkit, state
+        return NbdkitBacking(argv, env), state
 
     def close(self, s: Session) -> None:
         """Tear the session's chain down; a second caller waits for the first one's teardown."""

@@ -1,4 +1,4 @@
-// Entry point bundled by esbuild into kloset_blocks/ui/static/vendor/editor.js: CodeMirror 6 with
+// Entry point bundled by esbuild into kloset_blocks/web/static/vendor/editor.js: CodeMirror 6 with
 // SQL highlighting, exposed as window.KlosetEditor.create(parent, {label, onRun}).
 // The editor's content element gets the accessible name `label` (the page uses "SQL").
 import { EditorView, basicSetup } from "codemirror";

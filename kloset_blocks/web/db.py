@@ -15,9 +15,9 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import psycopg
 from psycopg import sql
@@ -159,6 +159,11 @@ class Outcome:
         }
 
 
+def _closing(rows: Iterator[Any]) -> contextlib.closing[Generator[Any, None, None]]:
+    """stream()'s generator, closed on the way out: psycopg then cancels what is left of the result."""
+    return contextlib.closing(cast(Generator[Any, None, None], rows))
+
+
 def _describe(cur: psycopg.Cursor[Any]) -> tuple[list[str], list[str]]:
     if cur.description is None:
         return [], []
@@ -191,7 +196,7 @@ def run(
         cur = conn.cursor()
         with (cancels or Cancels()).running(run_id, conn):
             try:
-                with contextlib.closing(cur.stream(query, params)) as rows:
+                with _closing(cur.stream(query, params)) as rows:
                     for row in rows:
                         if len(out.rows) == cap:
                             out.truncated = True
@@ -215,7 +220,7 @@ def stream_rows(
     query, params = one_statement(text)
     with read_only(conninfo, db, timeout) as conn:
         cur = conn.cursor()
-        with contextlib.closing(cur.stream(query, params)) as rows:
+        with _closing(cur.stream(query, params)) as rows:
             first = True
             for row in rows:
                 if first:
@@ -344,10 +349,10 @@ def page(
     limit = max(1, min(limit, DEFAULT_CAP))
     with read_only(conninfo, db, timeout) as conn:
         rel = relation(conn, schema, name)
-        keys = [sql.Identifier(k) for k in rel.primary_key] or [sql.SQL("ctid")]
+        keys: list[sql.Composable] = [sql.Identifier(k) for k in rel.primary_key] or [sql.SQL("ctid")]
         nk = len(keys)
         key_list = sql.SQL(", ").join(keys)
-        where = sql.SQL("")
+        where: sql.Composable = sql.SQL("")
         params: list[Any] = []
         if after:
             if len(after) != nk:
@@ -454,8 +459,9 @@ def _merge(ia: Iterator[Any], ib: Iterator[Any], out: dict[str, Any], cap: int) 
         else:
             out["truncated"] = True
 
-    end = object()
-    a, b = next(ia, end), next(ib, end)
+    end: Any = object()
+    a: Any = next(ia, end)
+    b: Any = next(ib, end)
     while a is not end or b is not end:
         if b is end or (a is not end and a[0] < b[0]):
             keep("removed", a[1])

@@ -34,11 +34,12 @@ from fastapi.responses import (
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
+from kloset_blocks.app.check import check_snapshot
 from kloset_blocks.app.query import select_snapshots
 from kloset_blocks.errors import KlosetError
-from kloset_blocks.ui import db
-from kloset_blocks.ui.across import AcrossJob
-from kloset_blocks.ui.sessions import Busy, Sessions
+from kloset_blocks.web import db
+from kloset_blocks.web.across import AcrossJob
+from kloset_blocks.web.sessions import Busy, Sessions
 
 STATIC = Path(__file__).resolve().parent / "static"
 COOKIE = "kb_ui"
@@ -178,11 +179,9 @@ def create_app(
     def version_of(info: Any) -> dict[str, Any]:
         """The snapshot's PostgreSQL major (or why it cannot be served), checked once."""
         if info.hex_id not in versions:
-            from kloset_blocks.app.check import _check_root
-
             try:
                 with sessions.store_lock:
-                    _, major = _check_root(store.open_snapshot(info.hex_id), None, True)
+                    major = check_snapshot(store.open_snapshot(info.hex_id), pgdata=True).pg_major
                 versions[info.hex_id] = {"pg_major": major, "problem": None}
             except KlosetError as e:
                 versions[info.hex_id] = {"pg_major": None, "problem": str(e)}

@@ -1,7 +1,7 @@
 # `kloset-blocks ui`: SQL on any backup from a web page.
 #
 # Strategy: one process holds the store open (the passphrase asked once, the key derived once) and
-# serves a page and a JSON API on loopback (web.py: FastAPI on uvicorn). Each opened snapshot is the
+# serves a page and a JSON API on loopback (app.py: FastAPI on uvicorn). Each opened snapshot is the
 # CLI's own chain and Postgres (sessions.py: app sessions' pg_session, read-only), brought up in a
 # thread while the page polls its phases; statements reach that Postgres over its private Unix socket
 # with psycopg (db.py), each on a fresh connection inside a READ ONLY transaction whose
