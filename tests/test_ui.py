@@ -62,8 +62,8 @@ def start_ui(store: Path, root: Path, *extra: str, passphrase: str | None = None
     return Ui(proc, url, root)
 
 
-def stop_ui(ui: Ui) -> None:
-    ui.proc.send_signal(signal.SIGTERM)
+def stop_ui(ui: Ui, sig: int = signal.SIGTERM) -> None:
+    ui.proc.send_signal(sig)
     try:
         rc = ui.proc.wait(timeout=120)
     finally:
@@ -406,17 +406,26 @@ def api_session(ui: Ui) -> dict[str, str]:
     return {"Cookie": login(ui.url)}
 
 
-def test_encrypted_store_with_the_passphrase_from_the_environment(fixtures_dir: Path) -> None:
+def test_encrypted_store_and_ctrl_c_while_a_snapshot_opens(fixtures_dir: Path) -> None:
+    """The passphrase from the environment; then Ctrl-C (SIGINT) as soon as a chain is on its way
+    up: the open under way finishes and is torn down with the rest."""
     with private_run_root("ui-enc") as root:
         ui = start_ui(fixtures_dir / "golden-enc", root, passphrase="correct horse battery staple")
         try:
             assert "correct" not in ui.url
-            status, text = request(ui, "GET", "/api/snapshots", headers=api_session(ui))
+            auth = api_session(ui)
+            status, text = request(ui, "GET", "/api/snapshots", headers=auth)
             assert status == 200, text
             snaps = json.loads(text)["snapshots"]
             assert [(s["short_id"], s["pg_major"]) for s in snaps] == [("0b3eff1d", "15")]
+            request(ui, "POST", "/api/snapshots/0b3eff1d/open", headers=auth, body={})
+            for _ in range(600):  # until the chain has a run directory
+                if list(root.iterdir()):
+                    break
+                time.sleep(0.01)
+            assert list(root.iterdir())
         finally:
-            stop_ui(ui)
+            stop_ui(ui, signal.SIGINT)
 
 
 def test_wrong_passphrase_is_one_line_and_nothing_starts(fixtures_dir: Path) -> None:
