@@ -61,6 +61,7 @@ def prepare(
     owner: str | None = None,
     passphrase_file: str | None = None,
     progress: Progress | None = None,
+    journal: bool = False,
 ) -> Served:
     """Open the store and check the snapshot in-process; then the nbdkit command for it."""
     from kloset_blocks.store import open_store
@@ -82,6 +83,7 @@ def prepare(
         key=key,
         pgdata=pgdata,
         stats=f"{RUN_DIR_TOKEN}/{STATS_FILE}",
+        journal=journal,
     )
     return Served(argv, env, info.hex_id, info.size, root, major)
 

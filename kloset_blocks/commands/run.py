@@ -34,6 +34,7 @@ def _served(args: argparse.Namespace, progress: Progress, *, pgdata: bool) -> An
         owner=postgres.PG_USER if pgdata else None,
         passphrase_file=args.passphrase_file,
         progress=progress,
+        journal=getattr(args, "overlay", None) is not None,  # a kept overlay must survive a crash
     )
 
 

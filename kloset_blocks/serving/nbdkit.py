@@ -35,6 +35,7 @@ def nbdkit_argv(
     key: bytes | None = None,
     pgdata: bool = False,
     stats: str | None = None,
+    journal: bool = False,
 ) -> tuple[list[str], dict[str, str | None]]:
     """(argv, extra environment) for `nbdkit --threads=2 python nbdplugin/kloset.py store=...`.
     An encrypted store's `key`, derived by the caller, goes to nbdkit in its environment (store/
@@ -49,6 +50,8 @@ def nbdkit_argv(
         argv.append(f"owner={owner}")
     if stats:
         argv.append(f"stats={stats}")
+    if journal:
+        argv.append("journal=true")  # the overlay is kept: the filesystem must survive a crash
     # nbdkit embeds Debian's /usr/bin/python3: give it the repo and the venv's site-packages.
     site = (
         REPO / ".venv" / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
