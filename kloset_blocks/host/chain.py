@@ -27,6 +27,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from kloset_blocks.host.fsck import check_kept_overlay
 from kloset_blocks.host.mounts import is_mounted
 from kloset_blocks.host.procs import child_pids, proc_record
 from kloset_blocks.host.progress import Progress
@@ -150,6 +151,7 @@ class Chain:
         self.overlay: Path | None = None
         self.device: str | None = None
         self.mountpoint: Path | None = None
+        self.reused_overlay = False  # a kept overlay from an earlier run: checked before the mount
         self._children: list[subprocess.Popen[bytes]] = []
 
     # context manager: `with Chain(...) as c:` brings it up and always tears it down
@@ -175,6 +177,10 @@ class Chain:
                 self._overlay()
             with self.progress.phase("attach"):
                 self._attach()
+            if self.reused_overlay:  # an earlier run may have ended in a crash or a full disk
+                with self.progress.phase("fsck"):
+                    assert self.device is not None and self.overlay is not None
+                    check_kept_overlay(self.device, self.overlay, self.progress)
             with self.progress.phase("mount"):
                 self._mount()
         except BaseException:
@@ -233,6 +239,7 @@ class Chain:
         self.overlay = path
         if not temp and path.exists():
             self._reuse_overlay(path, uri)
+            self.reused_overlay = True
             return
         if not temp and not path.parent.is_dir():
             raise AttachError(f"overlay: directory {path.parent} does not exist")
