@@ -49,7 +49,9 @@ def start(argv: list[str], sock: Path, log: Path, env: dict[str, str]) -> subpro
     return p
 
 
-def one_config(name: str, argv: list[str], export: str, rounds: int, inflight: int, env: dict[str, str]) -> str:
+def one_config(
+    name: str, argv: list[str], export: str, rounds: int, inflight: int, env: dict[str, str]
+) -> str:
     with tempfile.TemporaryDirectory(prefix="kb-death-") as tmp:
         sock, log = Path(tmp) / "s", Path(tmp) / "log"
         server = start(argv, sock, log, env)
@@ -87,7 +89,8 @@ def one_config(name: str, argv: list[str], export: str, rounds: int, inflight: i
                 server.wait(timeout=30)
         tail = [ln for ln in log.read_text(errors="replace").splitlines() if "ssert" in ln or "rror" in ln]
         if died_at is None:
-            return f"{name}: survived {rounds} client deaths; steady client {'still reading' if steady_alive else 'FAILED'}"
+            steady = "still reading" if steady_alive else "FAILED"
+            return f"{name}: survived {rounds} client deaths; steady client {steady}"
         return f"{name}: nbdkit DIED after {died_at} client death(s): {tail[-1] if tail else '(no message)'}"
 
 
@@ -100,7 +103,13 @@ def main() -> int:
     args = ap.parse_args()
     env = dict(os.environ)
     if args.store:
-        site = REPO / ".venv" / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
+        site = (
+            REPO
+            / ".venv"
+            / "lib"
+            / f"python{sys.version_info.major}.{sys.version_info.minor}"
+            / "site-packages"
+        )
         env["PYTHONPATH"] = f"{REPO}:{site}"
         plugin = ["python", str(REPO / "nbdplugin" / "kloset.py"), f"store={args.store}", "pgdata=true",
                   "lazy=true"]  # fmt: skip
@@ -112,7 +121,14 @@ def main() -> int:
         "t16": ["nbdkit", "-r", "--threads=16", *plugin],
         "t2": ["nbdkit", "-r", "--threads=2", *plugin],
         "t1": ["nbdkit", "-r", "--threads=1", *plugin],
-        "t2-noparallel": ["nbdkit", "-r", "--threads=2", "--filter=noparallel", *plugin, "serialize=requests"],
+        "t2-noparallel": [
+            "nbdkit",
+            "-r",
+            "--threads=2",
+            "--filter=noparallel",
+            *plugin,
+            "serialize=requests",
+        ],
     }
     for name in args.configs.split(","):
         print(one_config(name, configs[name], export, args.rounds, args.inflight, env), flush=True)

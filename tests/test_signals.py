@@ -1,0 +1,89 @@
+# No chain outlives its command: the real CLI in another process (tests/standin_cli.py: nbdkit's file
+# plugin over an ext4 image of a real PostgreSQL 15 backup), signalled at the worst instants.
+#
+# Oracles: the kernel (/proc/mounts, loop devices), /proc (recorded pids with start times, command
+# lines naming the run directory), the run root (empty) and the CLI's exit status and stderr.
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kloset_blocks.host.procs import proc_alive, processes_mentioning
+from tests.test_attach import Backup, assert_clean, backup, run_root, standin_cli  # noqa: F401
+
+pytestmark = [pytest.mark.root, pytest.mark.slow]
+
+# SIGTERM the instant `ready` is printed: bounded, but enough runs to hit every instant around it.
+READY_RUNS = 12
+
+
+def _states(root: Path) -> list[dict[str, Any]]:
+    out = []
+    for d in root.iterdir():
+        with_state = d / "state.json"
+        if with_state.exists():
+            out.append(json.loads(with_state.read_text()))
+    return out
+
+
+def _wait_clean(root: Path, timeout: float = 30.0) -> None:
+    """Poll until the run root is empty and nothing runs that names it (an upper bound, not a timing)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not list(root.iterdir()) and not processes_mentioning(str(root) + "/"):
+            return
+        time.sleep(0.1)
+
+
+def _until_ready(p: subprocess.Popen[str]) -> list[str]:
+    assert p.stderr is not None
+    lines = []
+    for line in p.stderr:
+        lines.append(line)
+        if line.startswith("ready "):
+            return lines
+    pytest.fail(f"never ready: {''.join(lines)}")
+
+
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT"])
+def test_signal_exactly_at_ready_leaves_nothing(
+    backup: Backup,  # noqa: F811
+    run_root: Path,  # noqa: F811
+    signame: str,
+) -> None:
+    sig = getattr(signal, signame)
+    for run in range(READY_RUNS if signame == "SIGTERM" else READY_RUNS // 2):
+        p = standin_cli(backup, "psql", "fs:/standin", "snap", "-d", "shop", "-c", "select pg_sleep(30)")
+        lines = _until_ready(p)
+        p.send_signal(sig)  # the instant `ready` is read: psql may not even have started
+        states = _states(run_root)
+        _, err = p.communicate(timeout=60)
+        assert p.returncode in (130, 1), f"run {run}: rc {p.returncode}\n{''.join(lines)}{err}"
+        assert "Traceback" not in err, err
+        assert "teardown " in err, err
+        for st in states:
+            assert_clean(st, run_root)
+        assert list(run_root.iterdir()) == [], f"run {run}: left behind\n{''.join(lines)}{err}"
+
+
+@pytest.mark.parametrize("command", ["psql"])
+def test_sigkill_of_the_cli_tears_the_chain_down(
+    backup: Backup,  # noqa: F811
+    run_root: Path,  # noqa: F811
+    command: str,
+) -> None:
+    p = standin_cli(backup, "psql", "fs:/standin", "snap", "-d", "shop", "-c", "select pg_sleep(60)")
+    _until_ready(p)
+    (state,) = _states(run_root)
+    assert proc_alive(state["postgres"]["postmaster"])
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    _wait_clean(run_root)
+    assert_clean(state, run_root)
