@@ -18,8 +18,10 @@ from kloset_blocks import postgres
 from kloset_blocks.host.chain import Chain
 from kloset_blocks.host.progress import Progress
 from kloset_blocks.host.rundir import RunDir, list_run_dirs
+from kloset_blocks.host.rundir import run_root as run_root_dir
 from kloset_blocks.host.signals import sigint_ignored, signals_unwind
 from kloset_blocks.host.teardown import teardown_run_dir
+from kloset_blocks.host.warden import Warden
 
 Nbdkit = tuple[Sequence[str], Mapping[str, str | None]]  # argv, environment changes (None unsets)
 
@@ -56,14 +58,19 @@ def pg_session(
     run_root: Path | str | None = None,
     settings: Sequence[str] = (),
     state: Mapping[str, Any] | None = None,
+    started: list[Chain] | None = None,
 ) -> tuple[Chain, postgres.Server]:
     """Chain + Postgres on its data directory, ready for queries. On any failure (or signal) before
-    it is ready, everything started is torn down and the error propagates."""
+    it is ready, everything started is torn down and the error propagates. The chain is appended
+    to `started` before anything starts, so a caller can tear it down whatever instant a signal
+    lands at, the return included."""
     argv, env = nbdkit
     progress = progress or Progress(quiet=True)
     t0 = time.monotonic()
     with signals_unwind():
         chain = Chain(argv, env=env, overlay=overlay, progress=progress, run_root=run_root, state=state)
+        if started is not None:
+            started.append(chain)
         try:
             chain.up()
             assert chain.mountpoint is not None and chain.run is not None
@@ -79,10 +86,10 @@ def pg_session(
                 chain.run, cluster, read_only=read_only, progress=progress, settings=settings
             )
             server.start()
+            progress.done("ready", time.monotonic() - t0)
         except BaseException:
             chain.teardown()
             raise
-    progress.done("ready", time.monotonic() - t0)
     return chain, server
 
 
@@ -96,16 +103,28 @@ def psql_session(
     run_root: Path | str | None = None,
     state: Mapping[str, Any] | None = None,
 ) -> int:
-    """pg_session, then psql with the user's arguments on the terminal, then teardown."""
-    chain, server = pg_session(
-        nbdkit, read_only=read_only, overlay=overlay, progress=progress, run_root=run_root, state=state
-    )
-    with signals_unwind():
+    """pg_session, then psql with the user's arguments on the terminal, then teardown.
+
+    One signal scope covers it all, from the first process to psql's exit: a SIGTERM or SIGINT at
+    any instant (the one `ready` is printed at included) unwinds into the teardown. A warden tears
+    the chain down if this process dies without doing it (SIGKILL)."""
+    started: list[Chain] = []
+    with signals_unwind(), Warden(run_root_dir(run_root)):
         try:
+            _, server = pg_session(
+                nbdkit,
+                read_only=read_only,
+                overlay=overlay,
+                progress=progress,
+                run_root=run_root,
+                state=state,
+                started=started,
+            )
             with sigint_ignored():
                 return server.psql(psql_args)
         finally:
-            chain.teardown()
+            for chain in started:
+                chain.teardown()
 
 
 def stop_sessions(run_root: Path | str | None = None, progress: Progress | None = None) -> int:
