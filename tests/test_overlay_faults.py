@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from kloset_blocks.app.sessions import pg_session
+from kloset_blocks.host.backing import NbdkitBacking
 from kloset_blocks.host.chain import Chain
 from kloset_blocks.host.progress import Progress
 from kloset_blocks.host.tools import AttachError
@@ -74,7 +75,7 @@ def test_qsd_killed_mid_write_then_the_kept_overlay_is_replayed(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     overlay = tmp_path / "kept.qcow2"
-    argv = (["nbdkit", "file", f"file={journaled}"], {})
+    argv = NbdkitBacking(["nbdkit", "file", f"file={journaled}"])
     chain, server = pg_session(argv, overlay=overlay)
     try:
         state = snapshot_state(chain)
@@ -118,7 +119,7 @@ def test_damage_e2fsck_cannot_preen_stops_with_one_line(
     tmp_path: Path,
 ) -> None:
     overlay = tmp_path / "kept.qcow2"
-    argv = ["nbdkit", "file", f"file={journaled}"]
+    argv = NbdkitBacking(["nbdkit", "file", f"file={journaled}"])
     with Chain(argv, overlay=overlay, run_root=run_root) as chain:
         assert chain.mountpoint is not None
         (chain.mountpoint / "kept-file").write_text("x")

@@ -1,4 +1,4 @@
-# The warden (host/warden.py) on its own: a command that dies by SIGKILL has its run directories torn
+# The warden (app/warden.py) on its own: a command that dies by SIGKILL has its run directories torn
 # down (and its temporary paths removed) by its warden within seconds; a live command's, another
 # command's, and a command that ended cleanly are left alone. Real processes, real /proc and pidfds;
 # the chains of real commands are in test_signals.py.
@@ -24,7 +24,7 @@ import subprocess, sys, time, os
 from pathlib import Path
 from kloset_blocks.host.procs import proc_record
 from kloset_blocks.host.rundir import RunDir
-from kloset_blocks.host.warden import Warden
+from kloset_blocks.app.warden import Warden
 root, tmp = sys.argv[1], Path(sys.argv[2])
 run = RunDir.create(root)
 child = subprocess.Popen(["sleep", "600"], start_new_session=True)

@@ -15,19 +15,18 @@ from pathlib import Path
 from typing import Any
 
 from kloset_blocks import postgres
+from kloset_blocks.app.teardown import teardown_run_dir
+from kloset_blocks.app.warden import Warden
+from kloset_blocks.host.backing import Backing
 from kloset_blocks.host.chain import Chain
 from kloset_blocks.host.progress import Progress
 from kloset_blocks.host.rundir import RunDir, list_run_dirs
 from kloset_blocks.host.rundir import run_root as run_root_dir
 from kloset_blocks.host.signals import sigint_ignored, signals_unwind
-from kloset_blocks.host.teardown import teardown_run_dir
-from kloset_blocks.host.warden import Warden
-
-Nbdkit = tuple[Sequence[str], Mapping[str, str | None]]  # argv, environment changes (None unsets)
 
 
 def mount_session(
-    nbdkit: Nbdkit,
+    backing: Backing,
     mountpoint: Path | str,
     *,
     overlay: Path | str | None = None,
@@ -36,21 +35,14 @@ def mount_session(
     state: Mapping[str, Any] | None = None,
 ) -> Chain:
     """Bring the chain up on a user's mountpoint and leave it running."""
-    argv, env = nbdkit
     with signals_unwind():
         return Chain(
-            argv,
-            env=env,
-            mountpoint=mountpoint,
-            overlay=overlay,
-            progress=progress,
-            run_root=run_root,
-            state=state,
+            backing, mountpoint=mountpoint, overlay=overlay, progress=progress, run_root=run_root, state=state
         ).up()
 
 
 def pg_session(
-    nbdkit: Nbdkit,
+    backing: Backing,
     *,
     read_only: bool = False,
     overlay: Path | str | None = None,
@@ -64,28 +56,18 @@ def pg_session(
     it is ready, everything started is torn down and the error propagates. The chain is appended
     to `started` before anything starts, so a caller can tear it down whatever instant a signal
     lands at, the return included."""
-    argv, env = nbdkit
     progress = progress or Progress(quiet=True)
     t0 = time.monotonic()
     with signals_unwind():
-        chain = Chain(argv, env=env, overlay=overlay, progress=progress, run_root=run_root, state=state)
+        chain = Chain(backing, overlay=overlay, progress=progress, run_root=run_root, state=state)
         if started is not None:
             started.append(chain)
         try:
             chain.up()
             assert chain.mountpoint is not None and chain.run is not None
-            with progress.phase("prepare"):
-                cluster = postgres.locate(chain.mountpoint)
-                uid, gid = postgres.pg_ids()
-                postgres.ensure_traversable(chain.mountpoint, cluster.datadir, uid)
-                changed = postgres.fix_ownership(cluster.datadir, uid, gid)
-                postgres.prepare_datadir(cluster.datadir, progress)
-            if changed:
-                progress.say(f"gave {changed} inode(s) to the postgres user (in the overlay)")
-            server = postgres.Server(
-                chain.run, cluster, read_only=read_only, progress=progress, settings=settings
+            server = postgres.start_server(
+                chain.run, chain.mountpoint, read_only=read_only, progress=progress, settings=settings
             )
-            server.start()
             progress.done("ready", time.monotonic() - t0)
         except BaseException:
             chain.teardown()
@@ -94,7 +76,7 @@ def pg_session(
 
 
 def psql_session(
-    nbdkit: Nbdkit,
+    backing: Backing,
     psql_args: Sequence[str],
     *,
     read_only: bool = False,
@@ -112,7 +94,7 @@ def psql_session(
     with signals_unwind(), Warden(run_root_dir(run_root)):
         try:
             _, server = pg_session(
-                nbdkit,
+                backing,
                 read_only=read_only,
                 overlay=overlay,
                 progress=progress,

@@ -2,7 +2,7 @@
 # when the command dies without doing it itself (SIGKILL, OOM killer, a crash). `psql`, `query` and
 # the viewer start one; `pg start` and `mount` do not, since their chains outlive them by design.
 #
-# Strategy: the command starts `python -m kloset_blocks.host.warden PID STARTTIME ROOT [PATH...]`
+# Strategy: the command starts `python -m kloset_blocks.app.warden PID STARTTIME ROOT [PATH...]`
 # in a session of its own (no terminal signals reach it) with stdin on /dev/null and no secrets in
 # its environment. The warden waits on a pidfd of the command (pidfd_open: woken the instant the
 # command exits, however it exits; /proc polling where pidfds are missing). Then it tears down every
@@ -37,7 +37,7 @@ class Warden:
         env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])
         argv = [str(me), str(proc_starttime(me) or 0), str(root), *map(str, paths)]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "kloset_blocks.host.warden", *argv],
+            [sys.executable, "-m", "kloset_blocks.app.warden", *argv],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             start_new_session=True,
@@ -94,7 +94,7 @@ def owned_run_dirs(root: Path, pid: int, starttime: int) -> list[Path]:
 def main(argv: Sequence[str]) -> int:
     pid, starttime, root, *paths = argv
     wait_for_exit(int(pid), int(starttime))
-    from kloset_blocks.host.teardown import teardown_run_dir
+    from kloset_blocks.app.teardown import teardown_run_dir
 
     dirs = owned_run_dirs(Path(root), int(pid), int(starttime))
     for d in dirs:
