@@ -34,7 +34,7 @@ warden = Warden(root, [tmp])
 print(run.path, child.pid, warden.proc.pid, flush=True)
 line = sys.stdin.readline()
 if line.strip() == "clean":
-    from kloset_blocks.host.teardown import teardown_run_dir
+    from kloset_blocks.app.teardown import teardown_run_dir
     teardown_run_dir(run.path)
     warden.close()
     print("done", flush=True)
