@@ -9,6 +9,8 @@ import json
 import os
 import signal
 import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -16,7 +18,8 @@ from typing import Any
 import pytest
 
 from kloset_blocks.host.procs import proc_alive, processes_mentioning
-from tests.test_attach import Backup, assert_clean, backup, run_root, standin_cli  # noqa: F401
+from kloset_blocks.host.rundir import RUN_ROOT_ENV
+from tests.test_attach import REPO, Backup, assert_clean, backup, run_root, standin_cli  # noqa: F401
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
@@ -98,3 +101,52 @@ def test_sigkill_of_the_cli_tears_the_chain_down(
     p.wait()
     _wait_clean(run_root)
     assert_clean(state, run_root)
+
+
+# --- query: one CLI, a shared nbdkit, one chain per snapshot -----------------------------------------
+
+GOLDEN = Path(__file__).resolve().parent.parent.parent / "shared" / "fixtures" / "golden-plain"
+
+
+def _query_cli(root: Path, sql: str) -> subprocess.Popen[str]:
+    env = {k: v for k, v in os.environ.items() if k != "PLAKAR_PASSPHRASE"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "kloset_blocks", "query", f"fs:{GOLDEN}", "--db", "shop", "-j", "2", sql],
+        cwd=REPO, env={**env, RUN_ROOT_ENV: str(root)},
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+def _until_postgres(root: Path, n: int, p: subprocess.Popen[str], timeout: float = 120) -> None:
+    """Until n chains run a Postgres server (their state records it)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if sum(1 for st in _states(root) if "postgres" in st) >= n:
+            return
+        assert p.poll() is None, p.communicate()
+        time.sleep(0.05)
+    pytest.fail("the chains never came up")
+
+
+def _query_tmp_dirs() -> set[str]:
+    return {d for d in os.listdir(tempfile.gettempdir()) if d.startswith("kb-query-")}
+
+
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGKILL"])
+def test_query_killed_leaves_nothing(run_root: Path, signame: str) -> None:  # noqa: F811
+    before = _query_tmp_dirs()
+    p = _query_cli(run_root, "select pg_sleep(60)")
+    _until_postgres(run_root, 2, p)
+    mine = _query_tmp_dirs() - before
+    assert len(mine) == 1  # this run's stats directory
+    states = _states(run_root)
+    p.send_signal(getattr(signal, signame))
+    _, err = p.communicate(timeout=120)
+    if signame == "SIGTERM":
+        assert p.returncode == 130, err
+        assert "Errno" not in err and "Traceback" not in err, err
+        assert "kloset-blocks: teardown" not in err, err  # no teardown problem reported
+    _wait_clean(run_root)
+    for st in states:
+        assert_clean(st, run_root)
+    assert not (mine & _query_tmp_dirs()), "the query's temporary directory was left behind"

@@ -70,6 +70,8 @@ def teardown_run_dir(path: Path | str, progress: Progress | None = None) -> list
         return problems
     t0 = time.monotonic()
     with signals_blocked(), locked(path / LOCK_FILE):
+        if not path.is_dir():
+            return problems  # another teardown (its owner's thread, a `down`) finished it meanwhile
         run = RunDir.load(path)
         alive = frozenset(
             k for k, v in run.state.items() if isinstance(v, dict) and "pid" in v and proc_alive(v)
