@@ -150,3 +150,21 @@ def test_query_killed_leaves_nothing(run_root: Path, signame: str) -> None:  # n
     for st in states:
         assert_clean(st, run_root)
     assert not (mine & _query_tmp_dirs()), "the query's temporary directory was left behind"
+
+
+# --- a component dying under a session is said, with its own words, and is not exit 0 ---------------
+
+
+def test_nbdkit_dying_during_psql_is_reported_not_exit_0(backup: Backup, run_root: Path) -> None:  # noqa: F811
+    # psql sleeps, then reads what Postgres has cached already (so psql itself may well succeed).
+    p = standin_cli(backup, "psql", "fs:/standin", "snap", "-d", "shop", "-c", "select pg_sleep(2)",
+                    "-c", "select 1")  # fmt: skip
+    _until_ready(p)
+    (state,) = _states(run_root)
+    os.kill(state["nbdkit"]["pid"], signal.SIGKILL)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode != 0, err  # psql's own status if it failed, else 1
+    assert "nbdkit, which served the snapshot, died during the session" in err, err
+    assert "nbdkit was killed by a signal" in err, err
+    assert "did not exit normally" not in err  # setsid's words say nothing: nbdkit's own are given
+    assert_clean(state, run_root)

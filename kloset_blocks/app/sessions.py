@@ -9,6 +9,7 @@
 # started.
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -19,10 +20,13 @@ from kloset_blocks.app.teardown import teardown_run_dir
 from kloset_blocks.app.warden import Warden
 from kloset_blocks.host.backing import Backing
 from kloset_blocks.host.chain import Chain
+from kloset_blocks.host.procs import proc_alive
 from kloset_blocks.host.progress import Progress
 from kloset_blocks.host.rundir import RunDir, list_run_dirs
 from kloset_blocks.host.rundir import run_root as run_root_dir
 from kloset_blocks.host.signals import sigint_ignored, signals_unwind
+from kloset_blocks.host.space import full_message
+from kloset_blocks.host.tools import exit_cause
 
 
 def mount_session(
@@ -103,10 +107,30 @@ def psql_session(
                 started=started,
             )
             with sigint_ignored():
-                return server.psql(psql_args)
+                rc = server.psql(psql_args)
+            faults = session_faults(started[0])
+            for fault in faults:
+                print(f"kloset-blocks: {fault}", file=sys.stderr, flush=True)
+            return rc or (1 if faults else 0)
         finally:
             for chain in started:
                 chain.teardown()
+
+
+def session_faults(chain: Chain) -> list[str]:
+    """What went wrong under a session that ran (checked before its teardown): the nbdkit serving
+    the snapshot died (its reads failed from then on), the disk holding the overlay is full."""
+    if chain.run is None:
+        return []
+    st = chain.run.state
+    faults = []
+    rec = st.get("nbdkit")
+    if rec and not proc_alive(rec):
+        cause = exit_cause(None, st.get("nbdkit_log", ""), "nbdkit")
+        faults.append(f"nbdkit, which served the snapshot, died during the session: {cause}")
+    if st.get("overlay") and (full := full_message(st["overlay"], st.get("overlay_free_at_start"))):
+        faults.append(full)
+    return faults
 
 
 def stop_sessions(run_root: Path | str | None = None, progress: Progress | None = None) -> int:

@@ -11,7 +11,9 @@
 # - The backing is only ever read (nbdkit -r); all writes land in the qcow2 overlay.
 # - qemu-storage-daemon runs in its own session with stdin on /dev/null, so a closing terminal
 #   (SIGHUP) cannot stop it under a mounted filesystem (references §3.4).
-# - A user-given overlay is never deleted; a temporary one lives and dies with the run directory.
+# - A user-given overlay is never deleted; a temporary one lives and dies with the run directory
+#   (it lives in host.space.overlay_dir(), on a disk with room, and the start refuses below a
+#   minimum free there).
 from __future__ import annotations
 
 import contextlib
@@ -29,8 +31,9 @@ from kloset_blocks.host.mounts import is_mounted
 from kloset_blocks.host.procs import proc_record, spawn
 from kloset_blocks.host.progress import Progress
 from kloset_blocks.host.rundir import RunDir
+from kloset_blocks.host.space import check_room, overlay_dir
 from kloset_blocks.host.teardown import teardown_run_dir
-from kloset_blocks.host.tools import AttachError, log_tail, run_tool
+from kloset_blocks.host.tools import AttachError, exit_cause, run_tool
 
 QCOW2_OPTIONS = "cluster_size=128k,extended_l2=on"
 FUSE_FILE = "disk.raw"
@@ -130,18 +133,19 @@ class Chain:
     def _overlay(self) -> None:
         run = self._run()
         uri = self._uri()
-        if self.overlay_arg is None:
-            path, temp = run.path / "overlay.qcow2", True
+        if self.overlay_arg is None:  # on a disk with room, not in the run directory (a tmpfs)
+            path, temp = overlay_dir() / f"{run.id}.qcow2", True
         else:
             path, temp = self.overlay_arg, False
+        if not temp and not path.parent.is_dir():
+            raise AttachError(f"overlay: directory {path.parent} does not exist")
         run.record(overlay=str(path), overlay_temp=temp)
         self.overlay = path
+        run.record(overlay_free_at_start=check_room(path.parent))  # refuses below the minimum
         if not temp and path.exists():
             self._reuse_overlay(path, uri)
             self.reused_overlay = True
             return
-        if not temp and not path.parent.is_dir():
-            raise AttachError(f"overlay: directory {path.parent} does not exist")
         run_tool(
             ["qemu-img", "create", "-q", "-f", "qcow2", "-o", self.qcow2_options, "-F", "raw", "-b", uri,
              str(path)],
@@ -183,7 +187,8 @@ class Chain:
         deadline = time.monotonic() + self.timeout
         while not is_mounted(fuse):
             if proc.poll() is not None:
-                raise AttachError(f"attach: qemu-storage-daemon exited: {log_tail(log_path)}")
+                cause = exit_cause(proc.returncode, log_path, "qemu-storage-daemon")
+                raise AttachError(f"attach: qemu-storage-daemon exited: {cause}")
             if time.monotonic() > deadline:
                 raise AttachError(f"attach: qemu-storage-daemon did not export within {self.timeout:.0f} s")
             time.sleep(0.005)
