@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,8 +21,9 @@ from kloset_blocks.app.sessions import pg_session
 from kloset_blocks.host.backing import NbdkitBacking
 from kloset_blocks.host.chain import Chain
 from kloset_blocks.host.progress import Progress
+from kloset_blocks.host.space import MIN_FREE_ENV, OVERLAY_DIR_ENV
 from kloset_blocks.host.tools import AttachError
-from tests.test_attach import Backup, assert_clean, backup, run_root, snapshot_state  # noqa: F401
+from tests.test_attach import Backup, assert_clean, backup, run_root, snapshot_state, standin_cli  # noqa: F401
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
@@ -137,3 +139,58 @@ def test_damage_e2fsck_cannot_preen_stops_with_one_line(
     assert "\n" not in str(e.value) and str(overlay) in str(e.value)
     assert list(run_root.iterdir()) == []
     assert overlay.is_file()  # a user's overlay is never removed
+
+
+# --- the disk holding the overlay: room checked at the start, a full one named ---------------------
+
+
+@contextlib.contextmanager
+def small_fs(where: Path, size: str) -> Iterator[Path]:
+    """A small tmpfs of our own, the overlay's place for the test."""
+    where.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(where)], check=True)
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def test_start_refuses_when_the_overlay_place_has_too_little_room(
+    backup: Backup,  # noqa: F811
+    run_root: Path,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    with small_fs(tmp_path / "small", "32M") as small:
+        env = {**os.environ, OVERLAY_DIR_ENV: str(small)}
+        env.pop(MIN_FREE_ENV, None)  # the default minimum, 1 GiB
+        p = standin_cli(backup, "psql", "fs:/standin", "snap", "-c", "select 1", env=env)
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 1, err
+        (line,) = [ln for ln in err.splitlines() if ln.startswith("kloset-blocks:")]
+        assert f"overlay: {small} has 32 MiB free, less than the 1.0 GiB an overlay needs" in line, err
+        assert "Traceback" not in err
+        assert list(small.iterdir()) == []
+        assert "serve " not in err  # refused before anything started
+    assert list(run_root.iterdir()) == []
+
+
+def test_disk_full_while_postgres_writes_says_where(
+    backup: Backup,  # noqa: F811
+    run_root: Path,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    with small_fs(tmp_path / "small", "160M") as small:
+        env = {**os.environ, OVERLAY_DIR_ENV: str(small), MIN_FREE_ENV: "64M"}
+        sql = (
+            "create table big as select g, repeat(md5(g::text), 60) as pad from generate_series(1, 400000) g"
+        )
+        p = standin_cli(backup, "psql", "fs:/standin", "snap", "-d", "shop", "-c", sql, env=env)
+        _, err = p.communicate(timeout=300)
+        assert p.returncode != 0, err
+        assert "Traceback" not in err, err
+        full = [ln for ln in err.splitlines() if "the disk holding the overlay is full" in ln]
+        assert len(full) == 1, err
+        assert f"lives on the filesystem mounted at {small}" in full[0], err
+        assert "free at the start" in full[0] and "/" + "overlay" not in full[0].split(str(small))[0]
+        assert list(small.iterdir()) == [], "the temporary overlay is removed with its run"
+    assert list(run_root.iterdir()) == []

@@ -101,6 +101,7 @@ class Chain:
         try:
             if self.extra_state:
                 self.run.record(**self.extra_state)
+            self._overlay_place()  # before anything starts: refuses a place without room
             with self.progress.phase("serve"):
                 self.backing_name = self.backing.start(self.run, self.timeout)
             with self.progress.phase("overlay"):
@@ -130,18 +131,22 @@ class Chain:
 
     # --- phases ----------------------------------------------------------------------------------
 
-    def _overlay(self) -> None:
+    def _overlay_place(self) -> None:
         run = self._run()
-        uri = self._uri()
         if self.overlay_arg is None:  # on a disk with room, not in the run directory (a tmpfs)
             path, temp = overlay_dir() / f"{run.id}.qcow2", True
         else:
             path, temp = self.overlay_arg, False
         if not temp and not path.parent.is_dir():
             raise AttachError(f"overlay: directory {path.parent} does not exist")
-        run.record(overlay=str(path), overlay_temp=temp)
+        free = check_room(path.parent)  # refuses below the minimum
+        run.record(overlay=str(path), overlay_temp=temp, overlay_free_at_start=free)
         self.overlay = path
-        run.record(overlay_free_at_start=check_room(path.parent))  # refuses below the minimum
+
+    def _overlay(self) -> None:
+        uri = self._uri()
+        assert self.overlay is not None
+        path, temp = self.overlay, self.overlay_arg is None
         if not temp and path.exists():
             self._reuse_overlay(path, uri)
             self.reused_overlay = True
