@@ -168,3 +168,18 @@ def test_nbdkit_dying_during_psql_is_reported_not_exit_0(backup: Backup, run_roo
     assert "nbdkit was killed by a signal" in err, err
     assert "did not exit normally" not in err  # setsid's words say nothing: nbdkit's own are given
     assert_clean(state, run_root)
+
+
+def test_query_names_its_nbdkit_dying(run_root: Path) -> None:  # noqa: F811
+    p = _query_cli(run_root, "select pg_sleep(3), sum(abalance) from pgbench_accounts")
+    _until_postgres(run_root, 2, p)
+    (server,) = [st for st in _states(run_root) if "nbdkit" in st and "postgres" not in st]
+    states = _states(run_root)
+    os.kill(server["nbdkit"]["pid"], signal.SIGKILL)
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 1, out + err
+    assert "Traceback" not in out + err
+    assert (out + err).count("nbdkit, which served the snapshot, died during the session") >= 2, out + err
+    _wait_clean(run_root)
+    for st in states:
+        assert_clean(st, run_root)

@@ -44,6 +44,7 @@ from typing import Any
 
 from kloset_blocks import postgres
 from kloset_blocks.app.check import check_snapshot, open_checked_store
+from kloset_blocks.app.sessions import session_faults
 from kloset_blocks.app.warden import Warden
 from kloset_blocks.errors import KlosetError, UsageError
 from kloset_blocks.host.backing import NbdkitBacking, SharedExport, StandaloneServer
@@ -328,6 +329,13 @@ class QueryRun:
             server = self._start_postgres(chain, progress)
             with progress.phase("query"):
                 result.columns, result.rows = self._query(server)
+        except KlosetError as e:
+            # Say what failed under the snapshot (the shared nbdkit died, the overlay's disk is
+            # full) rather than only Postgres' last words about it.
+            faults = session_faults(chain.run) + session_faults(self.server.run if self.server else None)
+            if faults:
+                raise KlosetError(f"{e}; {'; '.join(dict.fromkeys(faults))}") from None
+            raise
         finally:
             mark = self._stats_mtime()
             with progress.phase("down"):

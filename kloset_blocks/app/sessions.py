@@ -108,7 +108,7 @@ def psql_session(
             )
             with sigint_ignored():
                 rc = server.psql(psql_args)
-            faults = session_faults(started[0])
+            faults = session_faults(started[0].run)
             for fault in faults:
                 print(f"kloset-blocks: {fault}", file=sys.stderr, flush=True)
             return rc or (1 if faults else 0)
@@ -117,12 +117,13 @@ def psql_session(
                 chain.teardown()
 
 
-def session_faults(chain: Chain) -> list[str]:
-    """What went wrong under a session that ran (checked before its teardown): the nbdkit serving
-    the snapshot died (its reads failed from then on), the disk holding the overlay is full."""
-    if chain.run is None:
+def session_faults(run: RunDir | None) -> list[str]:
+    """What went wrong under a session that ran (checked in its run directory before the
+    teardown): the nbdkit serving the snapshot died (its reads failed from then on), the disk
+    holding the overlay is full."""
+    if run is None:
         return []
-    st = chain.run.state
+    st = run.state
     faults = []
     rec = st.get("nbdkit")
     if rec and not proc_alive(rec):
