@@ -111,7 +111,7 @@ def prepare(
     if backend == "fuse":
         from kloset_blocks.fuse.chain import ExposedImage, expose_argv
 
-        backing = ExposedImage(expose_argv(store, info.hex_id, None if pgdata else path, owner), key)
+        backing = ExposedImage(expose_argv(store, info.hex_id, None if pgdata else path, owner, journal), key)
     else:
         argv, env = nbdkit_argv(
             store,
