@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from kloset_blocks.app.sessions import pg_session
+from kloset_blocks.app.sessions import pg_session, session_faults
 from kloset_blocks.host.backing import NbdkitBacking
 from kloset_blocks.host.chain import Chain
 from kloset_blocks.host.progress import Progress
@@ -83,6 +83,8 @@ def test_qsd_killed_mid_write_then_the_kept_overlay_is_replayed(
         state = snapshot_state(chain)
         assert "qsd" in state, "the FUSE attach path (no /dev/nbd) is the one under test"
         confirmed = _insert_until_killed(server, state["qsd"]["pid"], 300)
+        (fault,) = session_faults(chain.run)  # what psql_session says before its teardown
+        assert fault.startswith("qemu-storage-daemon, which attached the overlay, died during the session: ")
     finally:
         chain.teardown()
     assert_clean(state, run_root)

@@ -119,8 +119,8 @@ def psql_session(
 
 def session_faults(run: RunDir | None) -> list[str]:
     """What went wrong under a session that ran (checked in its run directory before the
-    teardown): the nbdkit serving the snapshot died (its reads failed from then on), the disk
-    holding the overlay is full."""
+    teardown): the nbdkit serving the snapshot or the qemu-storage-daemon attaching the overlay died
+    (every read or write failed from then on), the disk holding the overlay is full."""
     if run is None:
         return []
     st = run.state
@@ -129,6 +129,10 @@ def session_faults(run: RunDir | None) -> list[str]:
     if rec and not proc_alive(rec):
         cause = exit_cause(None, st.get("nbdkit_log", ""), "nbdkit")
         faults.append(f"nbdkit, which served the snapshot, died during the session: {cause}")
+    rec = st.get("qsd")
+    if rec and not proc_alive(rec):
+        cause = exit_cause(None, st.get("qsd_log", ""), "qemu-storage-daemon")
+        faults.append(f"qemu-storage-daemon, which attached the overlay, died during the session: {cause}")
     if st.get("overlay") and (full := full_message(st["overlay"], st.get("overlay_free_at_start"))):
         faults.append(full)
     return faults
