@@ -24,7 +24,7 @@ from tests.test_attach import REPO, Backup, assert_clean, backup, run_root, stan
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
 # SIGTERM the instant `ready` is printed: bounded, but enough runs to hit every instant around it.
-READY_RUNS = 12
+READY_RUNS = 10
 
 
 def _states(root: Path) -> list[dict[str, Any]]:
@@ -67,7 +67,7 @@ def test_signal_exactly_at_ready_leaves_nothing(
     # Ctrl-C is psql's business and lost (it runs its statement: 0). Never anything left behind.
     sig = getattr(signal, signame)
     sleep, codes = ("30", (130,)) if sig == signal.SIGTERM else ("2", (130, 1, 0))
-    for run in range(READY_RUNS if signame == "SIGTERM" else READY_RUNS // 2):
+    for run in range(READY_RUNS if signame == "SIGTERM" else READY_RUNS // 2 - 1):
         sql = f"select pg_sleep({sleep})"
         p = standin_cli(
             backup, "psql", "fs:/standin", "snap", "-d", "shop", "-c", sql, start_new_session=True
