@@ -183,3 +183,31 @@ def test_query_names_its_nbdkit_dying(run_root: Path) -> None:  # noqa: F811
     _wait_clean(run_root)
     for st in states:
         assert_clean(st, run_root)
+
+
+# --- the viewer (`kloset-blocks ui`) -------------------------------------------------------------
+
+
+def test_sigkill_of_the_viewer_tears_its_chains_down(fixtures_dir: Path) -> None:
+    from tests.conftest import private_run_root
+    from tests.test_ui import A, login, request, start_ui
+
+    with private_run_root("ui-kill") as root:
+        ui = start_ui(fixtures_dir / "golden-plain", root)
+        try:
+            auth = {"Cookie": login(ui.url)}
+            assert request(ui, "POST", f"/api/snapshots/{A}/open", headers=auth, body={})[0] == 200
+            for _ in range(1200):
+                _, text = request(ui, "GET", f"/api/snapshots/{A}/session", headers=auth)
+                if json.loads(text)["state"] == "ready":
+                    break
+                time.sleep(0.1)
+            (state,) = _states(root)
+            assert proc_alive(state["postgres"]["postmaster"])
+            os.kill(ui.proc.pid, signal.SIGKILL)
+            ui.proc.wait()
+        finally:
+            if ui.proc.poll() is None:
+                ui.proc.kill()
+        _wait_clean(root)
+        assert_clean(state, root)
