@@ -420,7 +420,7 @@ def test_secrets_reach_only_nbdkit_and_the_run_directory_is_private(run_root: Pa
 
 
 KEEPER_HOLDS_KEY = (
-    "nbdkit's keeper (`setsid -w`, host/chain.py) is started with the key in its environment to pass it "
+    "nbdkit's keeper (`setsid -w`, host/backing.py) is started with the key in its environment to pass it "
     "on to nbdkit: to fix in the keeper (issue 16b)"
 )
 
