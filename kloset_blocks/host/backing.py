@@ -19,6 +19,7 @@ import contextlib
 import os
 import socket
 import struct
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -31,6 +32,7 @@ from kloset_blocks.host.teardown import BACKING, Teardown, register_teardown, te
 from kloset_blocks.host.tools import AttachError, exit_cause
 
 NBD_SOCKET = "nbd.sock"
+KEEPER = Path(__file__).with_name("keeper.py")
 # In an nbdkit argv, this token stands for the run directory (made only when the chain comes up):
 # the plugin's stats=FILE lives there, and is read back at teardown after nbdkit has written it.
 RUN_DIR_TOKEN = "{run_dir}"
@@ -64,10 +66,11 @@ class NbdkitBacking:
         log_path = run.path / "nbdkit.log"
         argv = nbdkit_command([a.replace(RUN_DIR_TOKEN, str(run.path)) for a in self.argv], sock)
         run.record(socket=str(sock), nbdkit_log=str(log_path))
-        # In the foreground nbdkit sets PR_SET_PDEATHSIG (measured on Debian's 1.32.5, with or
-        # without --exit-with-parent): it gets SIGTERM when its parent exits. So its parent is a
-        # keeper that lives exactly as long as it does, `setsid -w`, never this (short-lived) CLI.
-        keeper = spawn(["setsid", "-w", *argv], log_path, "nbdkit", env=self.env)
+        # nbdkit's parent is a keeper that lives exactly as long as it does (keeper.py says why); the
+        # environment changes (the store's key) reach nbdkit through it on a pipe, so that only
+        # nbdkit's environment holds them.
+        keeper = spawn([sys.executable, "-I", "-S", str(KEEPER), *argv], log_path, "nbdkit",
+                       secret_env=self.env)  # fmt: skip
         run.record(nbdkit_keeper=proc_record(keeper.pid))
         deadline = time.monotonic() + timeout
         nbdkit_pid = None

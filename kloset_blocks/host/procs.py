@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -113,16 +114,23 @@ def child_env(extra: Mapping[str, str | None] | None) -> dict[str, str]:
 
 
 def spawn(
-    argv: list[str], log_path: Path, what: str, env: Mapping[str, str | None] | None = None
+    argv: list[str],
+    log_path: Path,
+    what: str,
+    env: Mapping[str, str | None] | None = None,
+    *,
+    secret_env: Mapping[str, str | None] | None = None,
 ) -> subprocess.Popen[bytes]:
     """A daemon of a chain: its own session (no SIGHUP from a closing terminal, no Ctrl-C from
-    ours), stdin /dev/null, stdout and stderr appended to log_path (0600), umask 077 (the socket and
-    any file it makes: owner only)."""
+    ours), stdout and stderr appended to log_path (0600), umask 077 (the socket and any file it
+    makes: owner only). stdin is /dev/null, or, with `secret_env`, a pipe that carries those
+    variables as one JSON object and is closed (host/keeper.py reads it): they never appear in the
+    process's own environment."""
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     try:
-        return subprocess.Popen(
+        proc = subprocess.Popen(
             argv,
-            stdin=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL if secret_env is None else subprocess.PIPE,
             stdout=fd,
             stderr=fd,
             start_new_session=True,
@@ -133,3 +141,9 @@ def spawn(
         raise AttachError(f"{what} not found (run `make deps`)") from e
     finally:
         os.close(fd)
+    if proc.stdin is not None:
+        with proc.stdin:
+            proc.stdin.write(
+                json.dumps({k: v for k, v in (secret_env or {}).items() if v is not None}).encode()
+            )
+    return proc
