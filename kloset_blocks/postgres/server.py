@@ -1,10 +1,11 @@
 # PostgreSQL on a mounted snapshot: find the data directory, start the right server on it, query it.
 #
 # Strategy: the data directory is the directory holding PG_VERSION (`/` for pg_basebackup tar
-# backups, `/data` for plakar's postgres importer); its major version picks the Debian server
-# binaries in /usr/lib/postgresql/<major>/bin. The server runs as the `postgres` user (it refuses
-# root) via `runuser`, directly as `postgres -D` in its own session, with stdout/stderr on a log in a
-# private 0700 directory of the run directory that also holds its Unix socket. We know it is up from
+# backups, `/data` for plakar's postgres importer); its major version picks the server binaries
+# (binaries.py: --pg-bindir, the distributions' places, pg_config, PATH) and a psql for it. The
+# server runs as the `postgres` user (it refuses root) via `runuser`, directly as `postgres -D` in
+# its own session, with stdout/stderr on a log in a private 0700 directory of the run directory that
+# also holds its Unix socket. We know it is up from
 # postmaster.pid's status line ("ready"), polled every 10 ms: finer than pg_ctl -w's 100 ms.
 #
 # Invariants:
@@ -31,6 +32,7 @@ from kloset_blocks.errors import PgError
 from kloset_blocks.host.procs import proc_alive, proc_record, stop_process, wait_gone
 from kloset_blocks.host.progress import Progress
 from kloset_blocks.host.rundir import RunDir
+from kloset_blocks.postgres.binaries import find_client
 from kloset_blocks.postgres.datadir import PG_USER, Cluster, pg_ids
 from kloset_blocks.store.passphrase import PASSPHRASE_ENV
 
@@ -74,6 +76,7 @@ class Server:
         self.dir = run.private_dir("pg", self.uid, self.gid)  # socket, config files
         self.log = self.dir / "postgres.log"
         self.proc: subprocess.Popen[bytes] | None = None
+        self._clients: dict[str, Path] = {}
 
     @property
     def sockdir(self) -> Path:
@@ -183,9 +186,17 @@ class Server:
             with contextlib.suppress(Exception):
                 self.proc.wait(timeout=5)
 
+    def client(self, tool: str) -> Path:
+        """A client tool for this server (binaries.find_client); a fallback is said once."""
+        if tool not in self._clients:
+            found = find_client(tool, self.cluster.major, self.cluster.bindir)
+            if found.notice:
+                self.progress.say(found.notice)
+            self._clients[tool] = found.path
+        return self._clients[tool]
+
     def psql_argv(self, args: Sequence[str] = ()) -> list[str]:
-        psql = self.cluster.bindir / "psql"
-        exe = str(psql) if psql.exists() else "psql"
+        exe = str(self.client("psql"))
         return ["runuser", "-u", PG_USER, "--", exe, "-h", str(self.dir), "-p", str(self.port), *args]
 
     def psql(self, args: Sequence[str] = ()) -> int:
