@@ -90,14 +90,13 @@ def _check_root(snapshot: Any, path: str | None, pgdata: bool) -> tuple[str, str
     """The served root (must be a directory) and, for a data directory, its checked major version."""
     from kloset_blocks import postgres
     from kloset_blocks.errors import NotFound, UsageError
-    from kloset_blocks.pgdata import PG_VERSION, find_pgdata
+    from kloset_blocks.pgdata import find_pgdata
+    from kloset_blocks.pgmanifest import snapshot_major
 
     if pgdata:
         root = find_pgdata(snapshot)  # NotFound: "snapshot X is not a PostgreSQL data directory"
-        f = snapshot.open_file(root.rstrip(b"/") + b"/" + PG_VERSION)
-        text = f.read(0, min(f.entry.size, 64)).decode(errors="replace").strip()
-        major = postgres.check_major(text, f"snapshot {snapshot.info.short_id}")
-        postgres.server_bindir(major)  # not installed: "apt-get install postgresql-N"
+        major = snapshot_major(snapshot, root)  # plakar's manifest.json, then PG_VERSION
+        postgres.server_bindir(major)  # not installed: "apt-get install postgresql-N ..."
         return os.fsdecode(root), major
     root_b = ("/" + (path or "").strip("/")).encode("utf-8", "surrogateescape")
     try:

@@ -20,6 +20,7 @@ import sys
 import time
 
 from kloset_blocks.errors import KlosetError, NotFound, UsageError
+from kloset_blocks.pgmanifest import read_manifest
 from kloset_blocks.store import Entry, Snapshot, Store, open_store
 from kloset_blocks.store.snapshot import SnapshotFile, clean_path
 from kloset_blocks.units import format_size
@@ -86,6 +87,11 @@ def _s(path: bytes) -> str:
     return path.decode("utf-8", "surrogateescape")
 
 
+def printable(text: str) -> str:
+    """Untrusted text (a manifest's names) on one line: control characters escaped."""
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode() for ch in text)
+
+
 def _out(line: str) -> None:
     sys.stdout.buffer.write(line.encode("utf-8", "surrogateescape") + b"\n")
 
@@ -98,7 +104,11 @@ def cmd_snapshots(args: argparse.Namespace) -> int:
         for info in store.snapshots():
             when = info.timestamp.strftime("%Y-%m-%dT%H:%M:%SZ")
             source = f"{info.importer_type}:{info.importer_origin}:{info.importer_directory}"
-            _out(f"{info.short_id}  {when}  {info.name}  {format_size(info.size)}  {source}")
+            line = f"{info.short_id}  {when}  {info.name}  {format_size(info.size)}  {source}"
+            manifest = read_manifest(store.open_snapshot(info.hex_id))  # plakar's postgres+bin
+            if manifest is not None:
+                line += "  " + printable(manifest.summary())
+            _out(line)
     return 0
 
 
