@@ -13,6 +13,7 @@ import io
 import json
 import tarfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +33,7 @@ PG_BINDIR_ENV = ":".join(str(d) for m, d in BINDIRS.items() if m != "15")  # 15 
 EXTRA_QUERIES: dict[str, tuple[str, str]] = {
     "version_num": ("postgres", "show server_version_num"),
     "checksums": ("postgres", "show data_checksums"),
+    "accounts_file": ("shop", "select pg_relation_filepath('pgbench_accounts')"),
 }
 QUERIES = {**sample.LIVE_QUERIES, **EXTRA_QUERIES}
 
@@ -64,6 +66,18 @@ def take_backup(work: Path, major: str, checksums: bool, *, io_method: str | Non
     finally:
         cluster.cleanup()
     return b
+
+
+def take_backups(work: Path, names: list[str]) -> dict[str, Backup]:
+    """take_backup for each "MAJOR-on|off" name, two clusters at a time (each its own socket
+    directory); 18-off's backup carries io_method=sync."""
+
+    def one(name: str) -> Backup:
+        major, on = name.split("-")
+        return take_backup(work, major, on == "on", io_method="sync" if name == "18-off" else None)
+
+    with ThreadPoolExecutor(2) as pool:
+        return dict(zip(names, pool.map(one, names), strict=True))
 
 
 def plakar_manifest(cluster: sample.PgCluster) -> dict:

@@ -195,9 +195,12 @@ class Server:
             self._clients[tool] = found.path
         return self._clients[tool]
 
+    def client_argv(self, exe: Path, args: Sequence[str] = ()) -> list[str]:
+        """A client tool's command line, as the postgres user, on this server's socket."""
+        return ["runuser", "-u", PG_USER, "--", str(exe), "-h", str(self.dir), "-p", str(self.port), *args]
+
     def psql_argv(self, args: Sequence[str] = ()) -> list[str]:
-        exe = str(self.client("psql"))
-        return ["runuser", "-u", PG_USER, "--", exe, "-h", str(self.dir), "-p", str(self.port), *args]
+        return self.client_argv(self.client("psql"), args)
 
     def psql(self, args: Sequence[str] = ()) -> int:
         """Interactive or scripted psql on the terminal; returns its exit status. If we are told to
