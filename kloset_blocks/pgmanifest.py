@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -47,11 +48,12 @@ class PgManifest:
     def relations(self) -> int:
         return sum(d.relations for d in self.databases)
 
-    def summary(self) -> str:
-        """One line for listings: "PostgreSQL 17.10, checksums on, databases postgres,shop"."""
+    def summary(self, quote: Callable[[str], str] = str) -> str:
+        """One line for listings: "PostgreSQL 17.10, checksums on, databases postgres,shop"; quote
+        makes the manifest's strings safe for a terminal."""
         checks = {True: ", checksums on", False: ", checksums off", None: ""}[self.data_checksums]
-        names = ",".join(d.name for d in self.databases if not d.is_template)
-        return f"PostgreSQL {self.server_version}{checks}, databases {names or '-'}"
+        names = ",".join(quote(d.name) for d in self.databases if not d.is_template)
+        return f"PostgreSQL {quote(self.server_version)}{checks}, databases {names or '-'}"
 
 
 def parse_manifest(raw: bytes) -> PgManifest | None:

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from kloset_blocks.host.mounts import is_mounted
-from kloset_blocks.host.procs import child_pids, proc_record
+from kloset_blocks.host.procs import child_pids, clean_env, proc_record
 from kloset_blocks.host.progress import Progress
 from kloset_blocks.host.rundir import RunDir
 from kloset_blocks.host.teardown import teardown_run_dir
@@ -52,13 +52,10 @@ def nbd_uri(sock: Path) -> str:
     return f"nbd+unix:///?socket={sock}"
 
 
-def child_env(extra: Mapping[str, str | None] | None) -> dict[str, str] | None:
-    """This process's environment with `extra` applied (a None value unsets the variable), or None
-    (inherit) when there is nothing to change."""
-    if not extra:
-        return None
-    env = {**os.environ, **extra}
-    return {k: v for k, v in env.items() if v is not None}
+def child_env(extra: Mapping[str, str | None] | None) -> dict[str, str]:
+    """This process's environment without the store's secrets, with `extra` applied (a None value
+    unsets the variable): nbdkit gets the key through `extra`, nothing else gets any secret."""
+    return clean_env(extra)
 
 
 def nbdkit_command(argv: Sequence[str], sock: Path) -> list[str]:
@@ -132,7 +129,7 @@ class Chain:
         progress: Progress | None = None,
         timeout: float = 30.0,
         qcow2_options: str = QCOW2_OPTIONS,
-        mount_options: str = "noatime",
+        mount_options: str = "noatime,nosuid,nodev,noexec",  # a backup is untrusted input
         state: Mapping[str, Any] | None = None,
     ) -> None:
         self.nbdkit_argv = list(nbdkit_argv)

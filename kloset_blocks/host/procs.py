@@ -7,7 +7,20 @@ import contextlib
 import os
 import signal
 import time
+from collections.abc import Mapping
 from pathlib import Path
+
+# The store's secrets: the passphrase (PLAKAR_PASSPHRASE) and the key derived from it. Only nbdkit
+# needs the key (given explicitly); no child inherits either.
+SECRET_ENV = ("PLAKAR_PASSPHRASE", "KLOSET_BLOCKS_STORE_KEY")
+
+
+def clean_env(extra: Mapping[str, str | None] | None = None) -> dict[str, str]:
+    """This process's environment without the secrets, with `extra` applied (None unsets)."""
+    env: dict[str, str | None] = {k: v for k, v in os.environ.items() if k not in SECRET_ENV}
+    env.update(extra or {})
+    return {k: v for k, v in env.items() if v is not None}
+
 
 # --- processes -----------------------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from kloset_blocks.errors import KlosetError
+from kloset_blocks.host.procs import clean_env
 
 TOOL_TIMEOUT = 60.0
 
@@ -23,7 +24,12 @@ def run_tool(argv: Sequence[str], what: str, *, timeout: float = TOOL_TIMEOUT) -
     """Run a tool to completion; failure -> AttachError with its last stderr line."""
     try:
         p = subprocess.run(
-            list(argv), stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout
+            list(argv),
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=clean_env(),
         )
     except FileNotFoundError as e:
         raise AttachError(f"{what}: {argv[0]} not found (run `make deps`)") from e

@@ -15,7 +15,7 @@ from kloset_blocks.postgres.datadir import (
     pg_ids,
     prepare_datadir,
 )
-from kloset_blocks.postgres.server import NoWalError, Server, relevant_lines, stop_recorded
+from kloset_blocks.postgres.server import NoWalError, Server, child_env, relevant_lines, stop_recorded
 
 __all__ = [
     "PG_USER",
@@ -24,6 +24,7 @@ __all__ = [
     "PgError",
     "Server",
     "check_major",
+    "child_env",
     "ensure_traversable",
     "find_client",
     "find_data_dir",
