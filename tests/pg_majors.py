@@ -49,7 +49,17 @@ class Backup:
     io_method: str | None = None  # 18: what the snapshot's postgresql.auto.conf asks for
 
 
-def take_backup(work: Path, major: str, checksums: bool, *, io_method: str | None = None) -> Backup:
+# Settings that cannot work here, written into the data directory's postgresql.auto.conf just before
+# the backup (the live server does not reread it): the start must override them with a notice.
+CANNOT_WORK_HERE = (
+    "shared_preload_libraries = 'no_such_extension'\nshared_buffers = '64TB'\narchive_command = 'false'\n"
+)
+IO_URING = "io_method = 'io_uring'\n"  # the npm 18 build has no liburing: worker is used
+
+
+def take_backup(
+    work: Path, major: str, checksums: bool, *, io_method: str | None = None, extra_conf: str = ""
+) -> Backup:
     """A cluster of `major`, its live answers and manifest, one backup; the cluster is removed."""
     cluster = sample.make_cluster(1, bindir=BINDIRS[major], checksums=checksums)
     b = Backup(f"{major}-{'on' if checksums else 'off'}", major, checksums, work / f"{major}-{checksums}.tar")
@@ -59,6 +69,9 @@ def take_backup(work: Path, major: str, checksums: bool, *, io_method: str | Non
             b.io_method = io_method
         b.live = {name: cluster.psql(sql, db) for name, (db, sql) in QUERIES.items()}
         b.manifest = plakar_manifest(cluster)
+        if extra_conf:
+            with open(cluster.datadir / "postgresql.auto.conf", "a") as f:
+                f.write(extra_conf)
         if major == "15":
             cluster.basebackup(b.tar, wal="fetch")
         else:

@@ -1,5 +1,5 @@
 # `kloset-blocks check STORE SNAP`: can this backup be trusted, without restoring it? The snapshot is
-# started read-only through the usual chain and every heap table and B-tree index of every
+# started on a throwaway overlay through the usual chain and every heap table and B-tree index of every
 # connectable database is verified by amcheck (`pg_amcheck --heapallindexed`: each heap page and
 # tuple, each index page, and that every heap tuple is in its indexes). Where the cluster has data
 # checksums the server verifies the checksum of every page it reads from disk, and amcheck reads
@@ -9,8 +9,9 @@
 # Strategy: pg_amcheck is a client tool; binaries.find_client picks one of the server's major or
 # newer, else an older one (Debian's 15 checks 16-18 servers: the amcheck functions it calls are the
 # same), saying so. The amcheck extension must be in the server's extension directory (contrib); it
-# is created in each database in the overlay only (one explicit read-write transaction: the server
-# runs with default_transaction_read_only=on, and amcheck itself only reads).
+# is created in each database, in the overlay only: that is why the server is not a --read-only one
+# (a hot standby can create nothing); pg_amcheck's own sessions are read-only
+# (default_transaction_read_only=on through PGOPTIONS), and amcheck only reads.
 #
 # Invariants: damage is never silent: a chunk that fails its MAC in the store is an I/O error for
 # the pages on it, which amcheck reports for the relation that owns them; so is a checksum failure
@@ -89,9 +90,7 @@ def check_snapshot(
     """Start the snapshot read-only, amcheck all of it, tear down; the report (also of damage)."""
     progress = progress or Progress(quiet=True)
     report = Report(served.snapshot_id, logical_size=served.logical_size)
-    chain, server = pg_session(
-        served.nbdkit, read_only=True, progress=progress, run_root=run_root, state=served.state()
-    )
+    chain, server = pg_session(served.nbdkit, progress=progress, run_root=run_root, state=served.state())
     try:
         report.major = server.cluster.major
         with progress.phase("check"):
@@ -115,12 +114,17 @@ def _check(server: Server, report: Report, jobs: int) -> None:
             f"{server.cluster.major}-contrib (RHEL, PGDG)"
         )
     for db in report.databases:  # in the overlay only
-        server.query("begin; set transaction read write; create extension if not exists amcheck; commit", db)
+        server.query("create extension if not exists amcheck", db)
     pg_amcheck = server.client("pg_amcheck")
     args = ["--all", "--heapallindexed", "--verbose", "--jobs", str(max(1, jobs))]
     argv = server.client_argv(pg_amcheck, args)
     p = subprocess.run(
-        argv, capture_output=True, text=True, stdin=subprocess.DEVNULL, cwd="/", env=child_env()
+        argv,
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        cwd="/",
+        env={**child_env(), "PGOPTIONS": "-c default_transaction_read_only=on"},
     )
     report.damaged = parse_damage(p.stdout)
     report.relations = sum(1 for ln in p.stderr.splitlines() if CHECKING.match(ln))

@@ -23,6 +23,7 @@
 from __future__ import annotations
 
 import contextlib
+import mmap
 import os
 import re
 import shlex
@@ -143,7 +144,10 @@ class Server:
             read_only=self.read_only,
         )
         present = [(n, t) for n, t in files if t is not None]
-        cfg = config.build(present, config.major_number(self.cluster.major), run, self._control_floors())
+        major = config.major_number(self.cluster.major)
+        cfg = config.build(
+            present, major, run, self._control_floors(), host_limits(self.cluster.bindir, major)
+        )
         for line in cfg.notices():
             self.progress.say(line)
         ours = {
@@ -290,6 +294,26 @@ def stop_recorded(run: RunDir, timeout: float = 60.0) -> None:
     # Children of a killed postmaster notice on their own; runuser exits with it.
     stop_process(rec.get("runuser"), timeout=5.0)
     run.forget("postgres")
+
+
+def host_limits(bindir: Path, major: int) -> config.HostLimits:
+    """What this host's server can do (config.HostLimits): its RAM, and io_uring (18 and later) if
+    the server is linked with liburing and the kernel does not disable io_uring."""
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return config.HostLimits(memory=memory, io_uring=major >= 18 and _io_uring(bindir / "postgres"))
+
+
+def _io_uring(server: Path) -> bool:
+    try:
+        if Path("/proc/sys/kernel/io_uring_disabled").read_text().strip() not in ("", "0"):
+            return False
+    except OSError:
+        pass  # older kernels have no such switch
+    try:
+        with open(server, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            return m.find(b"liburing.so") >= 0  # a DT_NEEDED name: built --with-liburing
+    except (OSError, ValueError):
+        return False
 
 
 def child_env() -> dict[str, str]:
