@@ -83,11 +83,14 @@ def take_backup(
 
 def take_backups(work: Path, names: list[str]) -> dict[str, Backup]:
     """take_backup for each "MAJOR-on|off" name, two clusters at a time (each its own socket
-    directory); 18-off's backup carries io_method=sync."""
+    directory); 18-off's backup carries io_method=sync, 16-on's and 18-on's settings that cannot
+    work here (18-on's io_method=io_uring among them)."""
 
     def one(name: str) -> Backup:
         major, on = name.split("-")
-        return take_backup(work, major, on == "on", io_method="sync" if name == "18-off" else None)
+        extra = {"16-on": CANNOT_WORK_HERE, "18-on": CANNOT_WORK_HERE + IO_URING}.get(name, "")
+        io_method = "sync" if name == "18-off" else None
+        return take_backup(work, major, on == "on", io_method=io_method, extra_conf=extra)
 
     with ThreadPoolExecutor(2) as pool:
         return dict(zip(names, pool.map(one, names), strict=True))
