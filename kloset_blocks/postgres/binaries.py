@@ -184,9 +184,11 @@ def _key(major: str) -> tuple[int, ...]:
 def find_client(tool: str, major: str, server_dir: Path | None = None, roots: Roots | None = None) -> Client:
     """`tool` (psql, pg_dump, pg_amcheck) for a server of `major`: the server's own directory, else
     the same major anywhere, else the oldest newer one, else the newest older one with a notice."""
+    if server_dir is not None and tool_major(server_dir, tool) == major:
+        return Client(server_dir / tool, major)  # the usual case: nothing else is run
     roots = roots or Roots.from_env()
     found: dict[str, Path] = {}
-    for d in ([server_dir] if server_dir else []) + all_bindirs(roots):
+    for d in all_bindirs(roots):
         m = tool_major(d, tool)
         if m is not None and m not in found:
             found[m] = d / tool

@@ -124,6 +124,8 @@ class Server:
             os.close(fd)
         self._record(runuser=proc_record(self.proc.pid))
         self._wait_ready(t0)
+        with contextlib.suppress(PgError):  # none at all: said when one is needed, not here
+            self.client("psql")  # found (and a fallback said) now, not when the user's psql is due
 
     def _options(self) -> list[str]:
         opts = ["-D", str(self.cluster.datadir), "-c", f"config_file={self.dir / 'postgresql.conf'}"]
