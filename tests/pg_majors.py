@@ -153,15 +153,3 @@ def postgres_bin_tar(backup: Backup, dest: Path) -> Path:
             member.name = "data/" + member.name.removeprefix("./")
             out.addfile(member, data)
     return dest
-
-
-def psql_args(queries: list[tuple[str, str]]) -> list[str]:
-    """One psql session: every query names its database via \\c."""
-    args = ["-XAtq", "-v", "ON_ERROR_STOP=1", "-d", queries[0][0]]
-    db = queries[0][0]
-    for qdb, sql in queries:
-        if qdb != db:
-            args += ["-c", f"\\c {qdb}"]
-            db = qdb
-        args += ["-c", sql]
-    return args

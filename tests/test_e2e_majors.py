@@ -37,7 +37,6 @@ from tests.pg_majors import (
     QUERIES,
     Backup,
     postgres_bin_tar,
-    psql_args,
     take_backups,
 )
 from tests.test_e2e_pg import (
@@ -47,6 +46,7 @@ from tests.test_e2e_pg import (
     cli,
     one_error_line,
     pg_state,
+    psql_args,
     tree_digest,
 )
 

@@ -116,27 +116,26 @@ def _pg_config_bindir(path: str) -> Path | None:
 
 def candidates(major: str, roots: Roots) -> list[Path]:
     """Every directory that may hold major's server, in order of preference, without duplicates."""
-    dirs = [*roots.user, roots.debian / major / "bin", roots.rhel / f"pgsql-{major}" / "bin"]
-    if roots.pg_config:
-        found = _pg_config_bindir(os.pathsep.join(map(str, roots.path)))
-        if found is not None:
-            dirs.append(found)
-    dirs += roots.path
-    return _unique(dirs)
+    return _ordered(roots, [roots.debian / major / "bin", roots.rhel / f"pgsql-{major}" / "bin"])
 
 
 def all_bindirs(roots: Roots) -> list[Path]:
     """Every bin directory that may hold some PostgreSQL's tools (for the client tools' search)."""
-    dirs: list[Path] = list(roots.user)
+    distributions: list[Path] = []
     for pattern_root, pattern in ((roots.debian, "*/bin"), (roots.rhel, "pgsql-*/bin")):
         with contextlib.suppress(OSError):
-            dirs += sorted(pattern_root.glob(pattern))
+            distributions += sorted(pattern_root.glob(pattern))
+    return _ordered(roots, distributions)
+
+
+def _ordered(roots: Roots, distributions: list[Path]) -> list[Path]:
+    """The user's directories, the distributions', pg_config's, PATH's: once each, in that order."""
+    dirs = [*roots.user, *distributions]
     if roots.pg_config:
         found = _pg_config_bindir(os.pathsep.join(map(str, roots.path)))
         if found is not None:
             dirs.append(found)
-    dirs += roots.path
-    return _unique(dirs)
+    return _unique([*dirs, *roots.path])
 
 
 def _unique(dirs: Iterable[Path]) -> list[Path]:
