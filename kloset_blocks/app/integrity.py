@@ -80,7 +80,7 @@ class Report:
         return not self.damaged and not self.problems
 
 
-def check_snapshot(
+def amcheck_snapshot(
     served: Any,  # app.check.Served, checked for a data directory and its server
     *,
     progress: Progress | None = None,

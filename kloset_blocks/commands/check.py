@@ -10,7 +10,7 @@ from kloset_blocks.host.progress import Progress
 
 def cmd_check(args: argparse.Namespace) -> int:
     from kloset_blocks.app import check
-    from kloset_blocks.app.integrity import check_snapshot, render
+    from kloset_blocks.app.integrity import amcheck_snapshot, render
     from kloset_blocks.commands.run import require_root
 
     require_root()
@@ -24,7 +24,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         passphrase_file=args.passphrase_file,
         progress=progress,
     )
-    report = check_snapshot(served, progress=progress, jobs=args.jobs)
+    report = amcheck_snapshot(served, progress=progress, jobs=args.jobs)
     for line in render(report):
         print(line, flush=True)
     return 0 if report.clean else 1
