@@ -103,6 +103,6 @@ def read_major(datadir: Path) -> str:
 
 def check_major(text: str, where: str) -> str:
     """PG_VERSION's content: a major version ("15", or "9.6" before PostgreSQL 10)."""
-    if not re.fullmatch(r"\d+(\.\d+)?", text):
+    if not re.fullmatch(r"\d{1,4}(\.\d{1,2})?", text):  # a bounded number: it names a directory
         raise PgError(f"unexpected PG_VERSION {text!r} in {where}")
     return text

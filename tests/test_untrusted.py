@@ -6,6 +6,9 @@
 # written outside the overlay. --read-only is the server's refusal, whatever the session says. The
 # key reaches nbdkit only, the passphrase no child; the run directory is private.
 #
+# The server runs under a seccomp filter that refuses every exec after its own (postgres/sandbox.py):
+# SQL from the snapshot (COPY ... TO PROGRAM in a view or trigger) cannot start a program either.
+#
 # The hostile store is built once for the module from a real backup: golden-plain's snapshot A
 # restored with `kloset-blocks restore`, edited, written back with `kloset-blocks mkstore --from-dir`.
 # Oracle for the answers: the golden fixture's README (the live server's answers at backup time).
@@ -25,9 +28,11 @@ from pathlib import Path
 
 import pytest
 
+from kloset_blocks import postgres
 from kloset_blocks.host.rundir import RUN_ROOT_ENV
+from kloset_blocks.postgres.server import sandboxed
 from kloset_blocks.store import open_store
-from kloset_blocks.store.config import KEY_ENV
+from kloset_blocks.store.passphrase import KEY_ENV
 from tests.conftest import FIXTURES, REPO
 from tests.test_e2e_pg import (
     GOLDEN,
@@ -226,6 +231,9 @@ def test_hostile_snapshot_starts_answers_and_runs_nothing(hostile: Hostile, run_
         psql_ok(state, "checkpoint")
         assert psql_ok(state, "select archived_count, failed_count from pg_stat_archiver") == "0|0"
         assert psql_ok(state, "select count(*) from pg_ls_archive_statusdir()") == "0"
+        # SQL the snapshot could make the server run (a view, a trigger): no program starts.
+        copy = query_started(state, f"copy (select 1) to program 'touch {hostile.canary}/copy'")
+        assert "could not execute command" in copy.stderr, copy.stderr
         # No TCP: none of the server's processes holds a listening TCP socket; it listens on its
         # private Unix socket only.
         postmaster = pg["postmaster"]["pid"]
@@ -249,6 +257,54 @@ def test_hostile_snapshot_read_only(hostile: Hostile, run_root: Path) -> None:
     assert res.stdout.splitlines() == [*GOLDEN_ANSWERS[GOLDEN_A], "t"]
     assert hostile.leftovers() == []
     assert_nothing_left(run_root, hostile.store)
+
+
+def test_sandbox_lets_the_server_start_and_nothing_after(tmp_path: Path) -> None:
+    # The oracle is the kernel: the first exec (here a shell, standing for the server) happens as
+    # the postgres user; every exec after it is refused, in it and in what it forks.
+    uid, gid = postgres.pg_ids()
+    script = "id -u; echo builtin; /bin/true && echo ran || echo refused; (/bin/true) || echo child-refused"
+    res = subprocess.run([*sandboxed(uid, gid), "/bin/sh", "-c", script], capture_output=True, text=True,
+                         cwd="/", env=postgres.child_env(), timeout=30)  # fmt: skip
+    assert res.stdout.split() == ["builtin", "refused", "child-refused"], res
+    assert "Permission denied" in res.stderr  # `id` itself could not start
+    plain = ["runuser", "-u", "postgres", "--", "/bin/sh", "-c", "id -u; /bin/true && echo ran"]
+    direct = subprocess.run(plain, capture_output=True, text=True, cwd="/")
+    assert direct.stdout.split() == [str(uid), "ran"]  # without the sandbox, the same script runs
+
+
+# --- PG_VERSION is data too -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kind", "message"),
+    [
+        ("symlink", r"not a regular file in snapshot \w+: /PG_VERSION$"),  # -> a host file: not read
+        ("huge", r"unexpected PG_VERSION '1{64}' in snapshot"),  # read 64 bytes, not 2 MB
+        ("path", r"unexpected PG_VERSION '\.\./\.\./bin' in snapshot"),
+    ],
+)
+def test_pg_version_is_checked_before_anything_starts(
+    run_root: Path, tmp_path: Path, kind: str, message: str
+) -> None:
+    src = tmp_path / "src"
+    (src / "base").mkdir(parents=True)
+    host = Path(tempfile.mkdtemp(prefix="kb-host-"))
+    try:
+        (host / "secret").write_text("secret-host-line\n")
+        if kind == "symlink":
+            os.symlink(host / "secret", src / "PG_VERSION")
+        else:
+            (src / "PG_VERSION").write_text("1" * 2_000_000 if kind == "huge" else "../../bin\n")
+        made = cli(run_root, "mkstore", "--from-dir", str(src), "--plaintext", str(tmp_path / "store"))
+        assert made.returncode == 0, made.stderr
+        res = cli(run_root, "psql", str(tmp_path / "store"), "latest", "--", "-c", "select 1")
+    finally:
+        shutil.rmtree(host)
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    assert res.stderr.count("\n") == 1 and re.search(message, res.stderr.strip()), res.stderr
+    assert "secret-host-line" not in res.stderr
+    assert_nothing_left(run_root, tmp_path / "store")
 
 
 # --- read-only is the server's --------------------------------------------------------------------

@@ -6,21 +6,12 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import subprocess
 import time
 from collections.abc import Mapping
 from pathlib import Path
 
-# The store's secrets: the passphrase (PLAKAR_PASSPHRASE) and the key derived from it. Only nbdkit
-# needs the key (given explicitly); no child inherits either.
-SECRET_ENV = ("PLAKAR_PASSPHRASE", "KLOSET_BLOCKS_STORE_KEY")
-
-
-def clean_env(extra: Mapping[str, str | None] | None = None) -> dict[str, str]:
-    """This process's environment without the secrets, with `extra` applied (None unsets)."""
-    env: dict[str, str | None] = {k: v for k, v in os.environ.items() if k not in SECRET_ENV}
-    env.update(extra or {})
-    return {k: v for k, v in env.items() if v is not None}
-
+from kloset_blocks.host.tools import AttachError, clean_env
 
 # --- processes -----------------------------------------------------------------------------------
 
@@ -113,3 +104,32 @@ def child_pids(pid: int) -> list[int]:
         return [int(x) for x in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
     except OSError:
         return []
+
+
+def child_env(extra: Mapping[str, str | None] | None) -> dict[str, str]:
+    """This process's environment without the store's secrets, with `extra` applied (a None value
+    unsets the variable): nbdkit gets the key through `extra`, nothing else gets any secret."""
+    return clean_env(extra)
+
+
+def spawn(
+    argv: list[str], log_path: Path, what: str, env: Mapping[str, str | None] | None = None
+) -> subprocess.Popen[bytes]:
+    """A daemon of a chain: its own session (no SIGHUP from a closing terminal, no Ctrl-C from
+    ours), stdin /dev/null, stdout and stderr appended to log_path (0600), umask 077 (the socket and
+    any file it makes: owner only)."""
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        return subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=fd,
+            stderr=fd,
+            start_new_session=True,
+            umask=0o077,
+            env=child_env(env),
+        )
+    except FileNotFoundError as e:
+        raise AttachError(f"{what} not found (run `make deps`)") from e
+    finally:
+        os.close(fd)

@@ -4,13 +4,25 @@ from __future__ import annotations
 
 import os
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from kloset_blocks.errors import KlosetError
-from kloset_blocks.host.procs import clean_env
+from kloset_blocks.store.passphrase import KEY_ENV, PASSPHRASE_ENV
 
 TOOL_TIMEOUT = 60.0
+
+
+# The store's secrets: the passphrase (PLAKAR_PASSPHRASE) and the key derived from it. Only nbdkit
+# needs the key (given explicitly); no child inherits either.
+SECRET_ENV = (PASSPHRASE_ENV, KEY_ENV)
+
+
+def clean_env(extra: Mapping[str, str | None] | None = None) -> dict[str, str]:
+    """This process's environment without the secrets, with `extra` applied (None unsets)."""
+    env: dict[str, str | None] = {k: v for k, v in os.environ.items() if k not in SECRET_ENV}
+    env.update(extra or {})
+    return {k: v for k, v in env.items() if v is not None}
 
 
 class AttachError(KlosetError):

@@ -15,7 +15,14 @@ from kloset_blocks.postgres.datadir import (
     pg_ids,
     prepare_datadir,
 )
-from kloset_blocks.postgres.server import NoWalError, Server, child_env, relevant_lines, stop_recorded
+from kloset_blocks.postgres.server import (
+    NoWalError,
+    Server,
+    child_env,
+    relevant_lines,
+    start_server,
+    stop_recorded,
+)
 
 __all__ = [
     "PG_USER",
@@ -35,6 +42,7 @@ __all__ = [
     "read_major",
     "relevant_lines",
     "server_bindir",
+    "start_server",
     "stop_recorded",
     "use_bindirs",
 ]

@@ -3,7 +3,7 @@
 # Strategy: the data directory is the directory holding PG_VERSION (`/` for pg_basebackup tar
 # backups, `/data` for plakar's postgres importer); its major version picks the server binaries
 # (binaries.py: --pg-bindir, the distributions' places, pg_config, PATH) and a psql for it. The
-# server runs as the `postgres` user (it refuses root) via `runuser`, directly as `postgres -D` in
+# server runs as the `postgres` user (it refuses root) via sandbox.py, directly as `postgres -D` in
 # its own session, with stdout/stderr on a log in a private 0700 directory of the run directory that
 # also holds its Unix socket. We know it is up from postmaster.pid's status line ("ready", or
 # "standby" for a hot standby), polled every 10 ms: finer than pg_ctl -w's 100 ms.
@@ -15,6 +15,8 @@
 #   replaced in the overlay by an empty one, and the snapshot's recovery.signal/standby.signal by
 #   what we need: none for a read-write start (crash recovery from backup_label), standby.signal
 #   for --read-only (a hot standby with no primary and no restore_command: no session can write).
+# - The server runs under sandbox.py's seccomp filter: neither it nor any process it forks can
+#   exec a program (COPY ... TO PROGRAM, a *_command), whatever SQL the snapshot makes it run.
 # - No TCP: listen_addresses='' and a private socket directory; so the port only names the socket
 #   file and cannot clash with another server (the default 5432 is kept for habit).
 # - Nothing from the snapshot is read through a symlink or without a size bound.
@@ -31,17 +33,28 @@ import shutil
 import signal
 import stat
 import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from kloset_blocks.errors import PgError
-from kloset_blocks.host.procs import clean_env, proc_alive, proc_record, stop_process, wait_gone
+from kloset_blocks.host.procs import proc_alive, proc_record, stop_process, wait_gone
 from kloset_blocks.host.progress import Progress
 from kloset_blocks.host.rundir import RunDir
+from kloset_blocks.host.teardown import USERS, Teardown, register_teardown
+from kloset_blocks.host.tools import clean_env
 from kloset_blocks.postgres import config
 from kloset_blocks.postgres.binaries import find_client
-from kloset_blocks.postgres.datadir import PG_USER, Cluster, pg_ids
+from kloset_blocks.postgres.datadir import (
+    PG_USER,
+    Cluster,
+    ensure_traversable,
+    fix_ownership,
+    locate,
+    pg_ids,
+    prepare_datadir,
+)
 
 DEFAULT_PORT = 5432
 
@@ -112,7 +125,7 @@ class Server:
         fd = os.open(self.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:
             self.proc = subprocess.Popen(
-                ["runuser", "-u", PG_USER, "--", str(self.cluster.bindir / "postgres"), *self._options()],
+                [*sandboxed(self.uid, self.gid), str(self.cluster.bindir / "postgres"), *self._options()],
                 stdin=subprocess.DEVNULL,
                 stdout=fd,
                 stderr=fd,
@@ -277,6 +290,30 @@ class Server:
         return f"psql -h {shlex.quote(str(self.dir))} -p {self.port} -U {PG_USER}"
 
 
+def start_server(
+    run: RunDir,
+    mount_root: Path,
+    *,
+    read_only: bool = False,
+    progress: Progress | None = None,
+    settings: Sequence[str] = (),
+) -> Server:
+    """Find the data directory on the mounted snapshot, make it ready (owner, traversal, stale
+    files: all in the overlay), and start its major's server on it; ready when this returns."""
+    progress = progress or Progress(quiet=True)
+    with progress.phase("prepare"):
+        cluster = locate(mount_root)
+        uid, gid = pg_ids()
+        ensure_traversable(mount_root, cluster.datadir, uid)
+        changed = fix_ownership(cluster.datadir, uid, gid)
+        prepare_datadir(cluster.datadir, progress)
+    if changed:
+        progress.say(f"gave {changed} inode(s) to the postgres user (in the overlay)")
+    server = Server(run, cluster, read_only=read_only, progress=progress, settings=settings)
+    server.start()
+    return server
+
+
 def stop_recorded(run: RunDir, timeout: float = 60.0) -> None:
     """Stop the server recorded in run's state: `pg_ctl stop -m fast`, then SIGQUIT, then SIGKILL."""
     rec = run.state.get("postgres")
@@ -316,6 +353,23 @@ def _io_uring(server: Path) -> bool:
             return m.find(b"liburing.so") >= 0  # a DT_NEEDED name: built --with-liburing
     except (OSError, ValueError):
         return False
+
+
+def _stop_for_teardown(t: Teardown) -> None:
+    if "postgres" in t.state:
+        stop_recorded(t.run)
+
+
+register_teardown(USERS, "postgres", _stop_for_teardown)
+
+
+SANDBOX = Path(__file__).with_name("sandbox.py")
+
+
+def sandboxed(uid: int, gid: int) -> list[str]:
+    """The argv prefix that runs a program as uid:gid unable to start any other program
+    (sandbox.py: a seccomp filter on execve): the server, never a shell."""
+    return [sys.executable, "-I", str(SANDBOX), str(uid), str(gid)]
 
 
 def child_env() -> dict[str, str]:
