@@ -90,7 +90,7 @@ def amcheck_snapshot(
     """Start the snapshot read-only, amcheck all of it, tear down; the report (also of damage)."""
     progress = progress or Progress(quiet=True)
     report = Report(served.snapshot_id, logical_size=served.logical_size)
-    chain, server = pg_session(served.nbdkit, progress=progress, run_root=run_root, state=served.state())
+    chain, server = pg_session(served.backing, progress=progress, run_root=run_root, state=served.state())
     try:
         report.major = server.cluster.major
         with progress.phase("check"):
