@@ -126,10 +126,11 @@ def hostile(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hostile]:
     shutil.rmtree(base)
 
 
-def listening_tcp_inodes() -> set[str]:
-    """Socket inodes of every TCP socket in LISTEN state (0A), v4 and v6, from the kernel."""
+def listening_tcp_inodes(pid: int) -> set[str]:
+    """Socket inodes of every TCP socket in LISTEN state (0A), v4 and v6, from the kernel: in our
+    network namespace and in pid's."""
     out = set()
-    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
+    for name in [f"/proc/{p}/net/{v}" for p in ("self", str(pid)) for v in ("tcp", "tcp6")]:
         for line in Path(name).read_text().splitlines()[1:]:
             fields = line.split()
             if fields[3] == "0A":
@@ -148,9 +149,12 @@ def descendants(pid: int) -> list[int]:
 
 
 def socket_inodes(pid: int) -> set[str]:
-    out = set()
-    fd_dir = Path(f"/proc/{pid}/fd")
-    for fd in fd_dir.iterdir():
+    out: set[str] = set()
+    try:
+        fds = list(Path(f"/proc/{pid}/fd").iterdir())
+    except OSError:
+        return out  # a backend that has exited meanwhile
+    for fd in fds:
         try:
             target = os.readlink(fd)
         except OSError:
@@ -160,10 +164,11 @@ def socket_inodes(pid: int) -> set[str]:
     return out
 
 
-def unix_listeners(path_prefix: str) -> set[str]:
-    """Inodes of listening Unix sockets bound under path_prefix (/proc/net/unix: flags 00010000)."""
+def unix_listeners(pid: int, path_prefix: str) -> set[str]:
+    """Inodes of listening Unix sockets bound under path_prefix, in pid's network namespace
+    (/proc/PID/net/unix: flags 00010000)."""
     out = set()
-    for line in Path("/proc/net/unix").read_text().splitlines()[1:]:
+    for line in Path(f"/proc/{pid}/net/unix").read_text().splitlines()[1:]:
         fields = line.split()
         if len(fields) >= 8 and fields[3] == "00010000" and fields[7].startswith(path_prefix):
             out.add(fields[6])
@@ -240,8 +245,17 @@ def test_hostile_snapshot_starts_answers_and_runs_nothing(hostile: Hostile, run_
         procs = descendants(postmaster)
         assert len(procs) >= 4  # postmaster, checkpointer, walwriter, ...: the scan saw them
         server_sockets = set().union(*(socket_inodes(p) for p in procs))
-        assert server_sockets & listening_tcp_inodes() == set()
-        assert server_sockets & unix_listeners(pg["sockdir"] + "/"), "the server listens on its socket"
+        assert server_sockets & listening_tcp_inodes(postmaster) == set()
+        assert server_sockets & unix_listeners(postmaster, pg["sockdir"] + "/"), (
+            "the server listens on its socket"
+        )
+        # And no network at all: the server lives in a network namespace of its own, with only lo.
+        assert os.readlink(f"/proc/{postmaster}/ns/net") != os.readlink("/proc/self/ns/net")
+        ifaces = [
+            ln.split(":")[0].strip()
+            for ln in Path(f"/proc/{postmaster}/net/dev").read_text().splitlines()[2:]
+        ]
+        assert ifaces == ["lo"]
     finally:
         stopped = cli(run_root, "pg", "stop")
     assert stopped.returncode == 0, stopped.stderr
@@ -406,7 +420,7 @@ def test_secrets_reach_only_nbdkit_and_the_run_directory_is_private(run_root: Pa
 
 
 KEEPER_HOLDS_KEY = (
-    "nbdkit's keeper (`setsid -w`, host/chain.py) is started with the key in its environment to pass it "
+    "nbdkit's keeper (`setsid -w`, host/backing.py) is started with the key in its environment to pass it "
     "on to nbdkit: to fix in the keeper (issue 16b)"
 )
 

@@ -1,10 +1,13 @@
-# Start the server so that nothing it runs can start a program: `python3 -I sandbox.py UID GID
-# PROGRAM ARGS...` drops to UID:GID (with the user's groups) and execs PROGRAM under a seccomp
-# filter that refuses every later execve/execveat with EACCES, in PROGRAM and every process it
-# forks. A backup decides which SQL the server runs (views, functions, triggers, per-database
-# settings): `COPY ... TO PROGRAM`, or any *_command a setting slipped through, would run a shell
-# as the postgres user; with this filter the shell never starts. PostgreSQL itself never execs
-# (Linux builds fork without exec), so the server works as before.
+# Start the server so that nothing it runs can start a program or reach a network: `python3 -I
+# sandbox.py UID GID PROGRAM ARGS...` moves to a network namespace of its own (only a loopback
+# that is down: no TCP in or out; the server's Unix socket is a path, reachable from the host's
+# namespace), drops to UID:GID (with the user's groups) and execs PROGRAM under a seccomp filter
+# that refuses every later execve/execveat with EACCES, in PROGRAM and every process it forks.
+# A backup decides which SQL the server runs (views, functions, triggers, per-database settings):
+# `COPY ... TO PROGRAM`, or any *_command a setting slipped through, would run a shell as the
+# postgres user, and an extension already in its catalog (dblink, postgres_fdw) would open
+# connections to anywhere; here the shell never starts and there is no network. PostgreSQL itself
+# never execs (Linux builds fork without exec), so the server works as before.
 #
 # How the one allowed exec is told apart: the filter allows execve only when its path argument is
 # the address of the buffer this script passes (checked on both 32-bit halves); after that exec
@@ -31,6 +34,7 @@ LD_W_ABS, JEQ_K, JGE_K, RET_K = 0x20, 0x15, 0x35, 0x06
 # arch -> (AUDIT_ARCH value, execve, execveat)
 ARCHES = {"x86_64": (0xC000003E, 59, 322), "aarch64": (0xC00000B7, 221, 281)}
 X32_BIT = 0x40000000
+CLONE_NEWNET = 0x40000000
 
 
 class SockFilter(ctypes.Structure):
@@ -73,12 +77,15 @@ def main(argv: list[str]) -> int:
     if arch is None:
         print(f"sandbox: no exec filter for {platform.machine()}: not starting", file=sys.stderr)
         return 1
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.unshare(CLONE_NEWNET) != 0:
+        print(f"sandbox: network namespace: {os.strerror(ctypes.get_errno())}", file=sys.stderr)
+        return 1
     user = pwd.getpwuid(uid)
     os.initgroups(user.pw_name, gid)
     os.setgid(gid)
     os.setuid(uid)
     env = {**os.environ, "HOME": user.pw_dir, "USER": user.pw_name, "LOGNAME": user.pw_name}
-    libc = ctypes.CDLL(None, use_errno=True)
     path = ctypes.create_string_buffer(os.fsencode(prog))
     c_args = (ctypes.c_char_p * (len(args) + 1))(*[os.fsencode(a) for a in args], None)
     c_env = (ctypes.c_char_p * (len(env) + 1))(*[os.fsencode(f"{k}={v}") for k, v in env.items()], None)

@@ -15,8 +15,9 @@
 #   replaced in the overlay by an empty one, and the snapshot's recovery.signal/standby.signal by
 #   what we need: none for a read-write start (crash recovery from backup_label), standby.signal
 #   for --read-only (a hot standby with no primary and no restore_command: no session can write).
-# - The server runs under sandbox.py's seccomp filter: neither it nor any process it forks can
-#   exec a program (COPY ... TO PROGRAM, a *_command), whatever SQL the snapshot makes it run.
+# - The server runs under sandbox.py: in a network namespace of its own (no TCP in or out) and
+#   under a seccomp filter (neither it nor any process it forks can exec a program: COPY ... TO
+#   PROGRAM, a *_command), whatever SQL the snapshot makes it run.
 # - No TCP: listen_addresses='' and a private socket directory; so the port only names the socket
 #   file and cannot clash with another server (the default 5432 is kept for habit).
 # - Nothing from the snapshot is read through a symlink or without a size bound.
