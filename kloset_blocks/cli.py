@@ -19,6 +19,7 @@ COMMAND_MODULES = [
     "kloset_blocks.commands.fuse",
     "kloset_blocks.commands.query",
     "kloset_blocks.commands.ui",
+    "kloset_blocks.commands.check",
 ]
 
 

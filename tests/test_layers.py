@@ -11,10 +11,10 @@ import pytest
 from tests.conftest import REPO
 
 PACKAGE = REPO / "kloset_blocks"
-# Lowest first. The core modules (errors, units, the tree contract, the data-directory rule) are
-# below everything.
+# Lowest first. The core modules (errors, units, the tree contract, the data-directory rule and
+# plakar's manifest) are below everything.
 LAYERS = [
-    {"errors", "units", "tree", "pgdata", "names", "__init__"},
+    {"errors", "units", "tree", "pgdata", "pgmanifest", "names", "__init__"},
     {"store"},
     {"writer"},
     {"ext4"},

@@ -27,7 +27,8 @@ from kloset_blocks.errors import NotFound, UsageError
 from kloset_blocks.host.backing import RUN_DIR_TOKEN, Backing, NbdkitBacking
 from kloset_blocks.host.progress import Progress
 from kloset_blocks.host.teardown import REPORT, Teardown, register_teardown
-from kloset_blocks.pgdata import PG_VERSION, find_pgdata
+from kloset_blocks.pgdata import find_pgdata
+from kloset_blocks.pgmanifest import snapshot_major
 from kloset_blocks.serving.nbdkit import STATS_FILE, nbdkit_argv
 from kloset_blocks.store import Snapshot, Store, open_store, passphrase_source
 
@@ -72,10 +73,8 @@ def check_snapshot(snapshot: Snapshot, *, path: str | None = None, pgdata: bool 
     short = snapshot.info.short_id
     if pgdata:
         root = find_pgdata(snapshot)  # NotFound: "snapshot X is not a PostgreSQL data directory"
-        f = snapshot.open_file(root.rstrip(b"/") + b"/" + PG_VERSION)
-        text = f.read(0, min(f.entry.size, 64)).decode(errors="replace").strip()
-        major = postgres.check_major(text, f"snapshot {short}")
-        postgres.server_bindir(major)  # not installed: "apt-get install postgresql-N"
+        major = snapshot_major(snapshot, root)  # plakar's manifest.json, then PG_VERSION
+        postgres.server_bindir(major)  # not installed: "apt-get install postgresql-N ..."
         return Checked(os.fsdecode(root), major)
     root_b = ("/" + (path or "").strip("/")).encode("utf-8", "surrogateescape")
     try:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from kloset_blocks import postgres
 from kloset_blocks.errors import UsageError
 from kloset_blocks.host.progress import Progress
 
@@ -17,6 +18,7 @@ def cmd_query(args: argparse.Namespace) -> int:
     from kloset_blocks.commands.run import require_root
 
     require_root()
+    postgres.use_bindirs(args.pg_bindir)
     if args.jobs < 1:
         raise UsageError("--jobs must be at least 1")
     options = QueryOptions(
@@ -45,6 +47,8 @@ def cmd_query(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from kloset_blocks.commands.run import add_pg_bindir
+
     p = subparsers.add_parser(
         "query",
         help="run one SQL query on many snapshots (which backup still has my row?), nothing restored",
@@ -71,4 +75,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--timeout", type=float, default=600.0, metavar="S", help="per-snapshot query timeout")
     p.add_argument("--passphrase-file", metavar="FILE", help="read the store's passphrase from FILE")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress or summary on stderr")
+    add_pg_bindir(p)
     p.set_defaults(handler=cmd_query)

@@ -27,6 +27,7 @@ def _served(args: argparse.Namespace, progress: Progress, *, pgdata: bool, backe
     """check.prepare for the command's arguments (looked up at call time: tests swap it)."""
     from kloset_blocks.app import check
 
+    postgres.use_bindirs(getattr(args, "pg_bindir", None))
     return check.prepare(
         args.store,
         args.snapshot,
@@ -178,7 +179,18 @@ def _snap_options() -> argparse.ArgumentParser:
         metavar="FILE",
         help="passphrase of an encrypted store (else $PLAKAR_PASSPHRASE, else a prompt)",
     )
+    add_pg_bindir(snap)
     return snap
+
+
+def add_pg_bindir(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--pg-bindir",
+        action="append",
+        metavar="DIR",
+        help="a PostgreSQL bin directory to look in first (repeatable; also $KLOSET_BLOCKS_PG_BINDIR, "
+        "colon-separated); each is used for the major its `postgres --version` says",
+    )
 
 
 # psql's own options when they follow SNAP (before a `--`): the same definitions, no positionals.

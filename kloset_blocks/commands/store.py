@@ -22,6 +22,7 @@ import time
 from kloset_blocks.app.check import open_checked_store
 from kloset_blocks.errors import KlosetError, NotFound, UsageError
 from kloset_blocks.names import escape_name
+from kloset_blocks.pgmanifest import read_manifest
 from kloset_blocks.store import Entry, Snapshot, Store
 from kloset_blocks.store.snapshot import SnapshotFile, clean_path
 from kloset_blocks.units import format_size
@@ -100,7 +101,11 @@ def cmd_snapshots(args: argparse.Namespace) -> int:
         for info in store.snapshots():
             when = info.timestamp.strftime("%Y-%m-%dT%H:%M:%SZ")
             source = _s(f"{info.importer_type}:{info.importer_origin}:{info.importer_directory}")
-            _out(f"{info.short_id}  {when}  {_s(info.name)}  {format_size(info.size)}  {source}")
+            line = f"{info.short_id}  {when}  {_s(info.name)}  {format_size(info.size)}  {source}"
+            manifest = read_manifest(store.open_snapshot(info.hex_id))  # plakar's postgres+bin
+            if manifest is not None:
+                line += "  " + manifest.summary(quote=_s)  # its names are data too
+            _out(line)
     return 0
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from kloset_blocks.errors import PgError
 from kloset_blocks.pgdata import check_major, find_data_dir, read_major
-from kloset_blocks.postgres.binaries import server_bindir
+from kloset_blocks.postgres.binaries import find_client, server_bindir, use_bindirs
 from kloset_blocks.postgres.datadir import (
     PG_USER,
     Cluster,
@@ -33,6 +33,7 @@ __all__ = [
     "check_major",
     "child_env",
     "ensure_traversable",
+    "find_client",
     "find_data_dir",
     "fix_ownership",
     "locate",
@@ -43,4 +44,5 @@ __all__ = [
     "server_bindir",
     "start_server",
     "stop_recorded",
+    "use_bindirs",
 ]

@@ -219,8 +219,49 @@ ALLOWED: dict[str, Check] = {
     "default_text_search_config": text(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)?"),
 }
 
-# Per-major additions to the allow-list (a major's own settings; issue 14 fills these).
-ALLOWED_BY_MAJOR: dict[int, dict[str, Check]] = {}
+# Per-major additions to the allow-list (a major's own settings). 18 reads through asynchronous I/O:
+# the snapshot's io_method (worker, sync, io_uring) is kept, io_uring only where this host's server
+# can do it (HostLimits).
+ALLOWED_BY_MAJOR: dict[int, dict[str, Check]] = {
+    17: {"io_combine_limit": number},
+    18: {
+        "io_method": one_of("worker", "sync", "io_uring"),
+        **dict.fromkeys(_names("io_workers io_max_concurrency io_max_combine_limit"), number),
+    },
+}
+
+
+@dataclass(frozen=True)
+class HostLimits:
+    """What this host's server can do, for the settings a snapshot may carry that cannot work here
+    (a start must not fail on them): memory bounds shared_buffers, io_uring needs the server built
+    with liburing and a kernel that allows it."""
+
+    memory: int | None = None  # bytes of RAM; shared_buffers above a quarter of it is not kept
+    io_uring: bool = False
+
+
+def _bytes(value: str, unit: int) -> int | None:
+    """A memory setting in bytes: "4GB", "512MB", "16384" (in units of `unit` bytes, 8kB pages)."""
+    m = re.fullmatch(r"\s*(\d+)\s*(kB|MB|GB|TB|B)?\s*", value)
+    if not m:
+        return None
+    scale = {"B": 1, "kB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30, "TB": 1 << 40}.get(m.group(2) or "", unit)
+    return int(m.group(1)) * scale
+
+
+def host_rules(kept: dict[str, str], major: int, host: HostLimits) -> dict[str, str]:
+    """Replace in kept what cannot work on this host; returns {setting: why} for the notice."""
+    why: dict[str, str] = {}
+    if host.memory is not None and "shared_buffers" in kept:
+        size = _bytes(kept["shared_buffers"], 8192)
+        if size is None or size > host.memory // 4:
+            del kept["shared_buffers"]
+            why["shared_buffers"] = "more than a quarter of this host's memory: the default is used"
+    if major >= 18 and kept.get("io_method") == "io_uring" and not host.io_uring:
+        kept["io_method"] = "worker"
+        why["io_method"] = "io_uring is not available here: worker is used"
+    return why
 
 
 # --- forced settings -----------------------------------------------------------------------------
@@ -385,7 +426,11 @@ def control_floors(controldata: str) -> dict[str, int]:
 
 
 def build(
-    files: Sequence[tuple[str, str]], major: int, run: Run, floors: Mapping[str, int] | None = None
+    files: Sequence[tuple[str, str]],
+    major: int,
+    run: Run,
+    floors: Mapping[str, int] | None = None,
+    host: HostLimits | None = None,
 ) -> Config:
     """Our configuration from the snapshot's files (name, text), in the order Postgres reads them
     (postgresql.conf, then postgresql.auto.conf). floors: the primary's values recorded in
@@ -416,6 +461,8 @@ def build(
             kept[name] = check(line.value)
         except Refused as e:
             dropped[name] = str(e)
+    if host is not None:
+        dropped.update(host_rules(kept, major, host))
     for name, floor in (floors or {}).items():
         if name in CONTROL_FLOORS and floor > _int_or(kept.get(name), -1):
             kept[name] = str(floor)

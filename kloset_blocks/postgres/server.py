@@ -1,12 +1,12 @@
 # PostgreSQL on a mounted snapshot: find the data directory, start the right server on it, query it.
 #
 # Strategy: the data directory is the directory holding PG_VERSION (`/` for pg_basebackup tar
-# backups, `/data` for plakar's postgres importer); its major version picks the Debian server
-# binaries in /usr/lib/postgresql/<major>/bin. The server runs as the `postgres` user (it refuses
-# root) via sandbox.py, directly as `postgres -D` in its own session, with stdout/stderr on a log in a
-# private 0700 directory of the run directory that also holds its Unix socket. We know it is up from
-# postmaster.pid's status line ("ready", or "standby" for a hot standby), polled every 10 ms: finer
-# than pg_ctl -w's 100 ms.
+# backups, `/data` for plakar's postgres importer); its major version picks the server binaries
+# (binaries.py: --pg-bindir, the distributions' places, pg_config, PATH) and a psql for it. The
+# server runs as the `postgres` user (it refuses root) via sandbox.py, directly as `postgres -D` in
+# its own session, with stdout/stderr on a log in a private 0700 directory of the run directory that
+# also holds its Unix socket. We know it is up from postmaster.pid's status line ("ready", or
+# "standby" for a hot standby), polled every 10 ms: finer than pg_ctl -w's 100 ms.
 #
 # Invariants:
 # - The configuration is ours (postgres/config.py): config_file, hba_file and ident_file live in
@@ -26,6 +26,7 @@
 from __future__ import annotations
 
 import contextlib
+import mmap
 import os
 import re
 import shlex
@@ -45,6 +46,7 @@ from kloset_blocks.host.rundir import RunDir
 from kloset_blocks.host.teardown import USERS, Teardown, register_teardown
 from kloset_blocks.host.tools import clean_env
 from kloset_blocks.postgres import config
+from kloset_blocks.postgres.binaries import find_client
 from kloset_blocks.postgres.datadir import (
     PG_USER,
     Cluster,
@@ -103,6 +105,7 @@ class Server:
         self.dir = run.private_dir("pg", self.uid, self.gid)  # socket, config files
         self.log = self.dir / "postgres.log"
         self.proc: subprocess.Popen[bytes] | None = None
+        self._clients: dict[str, Path] = {}
 
     @property
     def sockdir(self) -> Path:
@@ -135,6 +138,8 @@ class Server:
             os.close(fd)
         self._record(runuser=proc_record(self.proc.pid))
         self._wait_ready(t0)
+        with contextlib.suppress(PgError):  # none at all: said when one is needed, not here
+            self.client("psql")  # found (and a fallback said) now, not when the user's psql is due
 
     def _options(self) -> list[str]:
         opts = ["-D", str(self.cluster.datadir), "-c", f"config_file={self.dir / 'postgresql.conf'}"]
@@ -155,7 +160,10 @@ class Server:
             read_only=self.read_only,
         )
         present = [(n, t) for n, t in files if t is not None]
-        cfg = config.build(present, config.major_number(self.cluster.major), run, self._control_floors())
+        major = config.major_number(self.cluster.major)
+        cfg = config.build(
+            present, major, run, self._control_floors(), host_limits(self.cluster.bindir, major)
+        )
         for line in cfg.notices():
             self.progress.say(line)
         ours = {
@@ -234,10 +242,21 @@ class Server:
             with contextlib.suppress(Exception):
                 self.proc.wait(timeout=5)
 
+    def client(self, tool: str) -> Path:
+        """A client tool for this server (binaries.find_client); a fallback is said once."""
+        if tool not in self._clients:
+            found = find_client(tool, self.cluster.major, self.cluster.bindir)
+            if found.notice:
+                self.progress.say(found.notice)
+            self._clients[tool] = found.path
+        return self._clients[tool]
+
+    def client_argv(self, exe: Path, args: Sequence[str] = ()) -> list[str]:
+        """A client tool's command line, as the postgres user, on this server's socket."""
+        return ["runuser", "-u", PG_USER, "--", str(exe), "-h", str(self.dir), "-p", str(self.port), *args]
+
     def psql_argv(self, args: Sequence[str] = ()) -> list[str]:
-        psql = self.cluster.bindir / "psql"
-        exe = str(psql) if psql.exists() else "psql"
-        return ["runuser", "-u", PG_USER, "--", exe, "-h", str(self.dir), "-p", str(self.port), *args]
+        return self.client_argv(self.client("psql"), args)
 
     def psql(self, args: Sequence[str] = ()) -> int:
         """Interactive or scripted psql on the terminal; returns its exit status. If we are told to
@@ -315,6 +334,26 @@ def stop_recorded(run: RunDir, timeout: float = 60.0) -> None:
     # Children of a killed postmaster notice on their own; runuser exits with it.
     stop_process(rec.get("runuser"), timeout=5.0)
     run.forget("postgres")
+
+
+def host_limits(bindir: Path, major: int) -> config.HostLimits:
+    """What this host's server can do (config.HostLimits): its RAM, and io_uring (18 and later) if
+    the server is linked with liburing and the kernel does not disable io_uring."""
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return config.HostLimits(memory=memory, io_uring=major >= 18 and _io_uring(bindir / "postgres"))
+
+
+def _io_uring(server: Path) -> bool:
+    try:
+        if Path("/proc/sys/kernel/io_uring_disabled").read_text().strip() not in ("", "0"):
+            return False
+    except OSError:
+        pass  # older kernels have no such switch
+    try:
+        with open(server, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            return m.find(b"liburing.so") >= 0  # a DT_NEEDED name: built --with-liburing
+    except (OSError, ValueError):
+        return False
 
 
 def _stop_for_teardown(t: Teardown) -> None:
