@@ -128,7 +128,7 @@ def test_writer_refuses_settings_a_reader_would_refuse(tmp_path: Path) -> None:
 def test_cli_names_the_damaged_field(tmp_path: Path) -> None:
     store = copy_store(ENC, tmp_path / "enc")
     raw = bytearray((store / "CONFIG").read_bytes())
-    at = raw.index(b"\xa4Time") + 5  # the value after the key "Time": fixint 4
+    at = raw.index(b"\xa4Time\xce") + 9  # the low byte of its uint32 value, 4
     raw[at] = 0x7F  # 127 passes: once hours of Argon2id
     (store / "CONFIG").write_bytes(bytes(raw))
     proc = run_cli("snapshots", str(store), env={"PLAKAR_PASSPHRASE": PASSPHRASE})
