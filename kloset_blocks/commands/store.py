@@ -90,6 +90,12 @@ def _out(line: str) -> None:
     sys.stdout.buffer.write(line.encode("utf-8", "surrogateescape") + b"\n")
 
 
+def _err(line: str) -> None:
+    sys.stdout.flush()
+    sys.stderr.buffer.write(b"kloset-blocks: " + line.encode("utf-8", "surrogateescape") + b"\n")
+    sys.stderr.flush()
+
+
 # ---------------------------------------------------------------- snapshots
 
 
@@ -99,7 +105,10 @@ def cmd_snapshots(args: argparse.Namespace) -> int:
             when = info.timestamp.strftime("%Y-%m-%dT%H:%M:%SZ")
             source = f"{info.importer_type}:{info.importer_origin}:{info.importer_directory}"
             _out(f"{info.short_id}  {when}  {info.name}  {format_size(info.size)}  {source}")
-    return 0
+        problems = store.problems()
+    for line in problems:
+        _err(line)
+    return 1 if problems else 0
 
 
 # ---------------------------------------------------------------- ls
@@ -122,7 +131,10 @@ def cmd_ls(args: argparse.Namespace) -> int:
         listing = snap.listdir(path) if entry.is_dir else [(entry.name, entry)]
         for name, e in listing:
             _out(_long(name, e) if args.long else _s(name))
-    return 0
+    damaged = [e for _, e in listing if e.damage]
+    for e in damaged:
+        _err(f"{_s(e.path)}: entry cannot be read: {e.damage}")
+    return 1 if damaged else 0
 
 
 # ---------------------------------------------------------------- cat
