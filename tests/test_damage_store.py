@@ -88,7 +88,7 @@ def test_damaged_state_of_the_older_snapshot(plain_copy: Path) -> None:
     state_a.write_bytes(os.urandom(300))  # a foreign file under a state's name
     store = open_store(str(plain_copy))
     assert [i.hex_id for i in store.snapshots()] == [SNAP_B_PLAIN]
-    good, failed = check_files(store.open_snapshot("3b11"), "B")
+    _, failed = check_files(store.open_snapshot("3b11"), "B")
     assert len(failed) > 1000 and all(f"the store is damaged: state {state_a}" in w for w in failed.values())
 
 
