@@ -43,8 +43,9 @@
 # gives the one line the plugin logs for it: the whole error (snapshot path, chunk, packfile,
 # reason) the first time a (path, reason) fails, a short line naming the path on repeats (a kernel
 # retries, Postgres retries: a missing packfile once made thousands of lines). The failures,
-# counted, go into the stats file (`read_failures`, at most MAX_FAILURES distinct ones), which the
-# CLI reads to say which files of the snapshot are damaged when a session fails.
+# counted, go into the stats file (`read_failures`, at most MAX_FAILURES distinct ones; the file is
+# rewritten at once on a new failure), which the CLI reads to say which files of the snapshot are
+# damaged when a session fails.
 from __future__ import annotations
 
 import _thread
@@ -282,6 +283,8 @@ class Server:
                 self._failures_dropped += 1
         where = f"read {length}@{offset} of export {export.name}"
         if count == 1:
+            if self.config.stats:  # now, not at disconnect: a failing session reads it before teardown
+                self.write_stats()
             return f"{where}: {error}"
         return f"{where}: {path or reason[:120]}: failed again ({count} times)"
 

@@ -1,0 +1,51 @@
+# What the CLI says when reads from the store failed during a session: the plugin records each
+# failed read (snapshot path, reason, count) in its stats file as it happens (serving/server.py,
+# `read_failures`), and when a session fails (Postgres does not start, psql or a query ends in an
+# error) its message would blame the wrong thing ("configuration file contains errors", "the
+# backup has no WAL"): the files that could not be read are the cause, so they are what is said.
+#
+# One line, the first failures in full and a count of the rest, so that it fits the CLI's
+# one-line error; the stats file is the plugin's own (JSON, rewritten atomically).
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from kloset_blocks.errors import CorruptionError
+
+SHOWN = 2  # failures named in full; the rest are counted
+
+
+def read_failures(stats_file: Path | str | None) -> list[dict[str, Any]]:
+    """The failed reads recorded in a plugin stats file ([] when there are none or no file)."""
+    if stats_file is None:
+        return []
+    try:
+        stats = json.loads(Path(stats_file).read_text())
+    except (OSError, ValueError):
+        return []
+    failures = stats.get("read_failures") if isinstance(stats, dict) else None
+    return [f for f in failures if isinstance(f, dict)] if isinstance(failures, list) else []
+
+
+def damage_message(failures: list[dict[str, Any]], snapshot: str = "") -> str:
+    """One line: the store is damaged, and which snapshot paths could not be read, and why."""
+    paths = sorted({str(f.get("path") or "") for f in failures})
+    what = f"snapshot {snapshot[:8]} of the store" if snapshot else "the store"
+    shown = []
+    for f in failures[:SHOWN]:
+        path, reason = str(f.get("path") or ""), str(f.get("reason") or "")
+        shown.append(f"{path}: {reason}" if path else reason)
+    more = len(failures) - len(shown)
+    tail = f"; and {more} more" if more > 0 else ""
+    return (
+        f"{what} is damaged: reading {len(paths)} file(s) failed: {'; '.join(shown)}{tail}"
+        " (kloset-blocks restore names every damaged file)"
+    )
+
+
+def damage_error(stats_file: Path | str | None, snapshot: str = "") -> CorruptionError | None:
+    """The error to raise instead of a session's own when reads from the store failed."""
+    failures = read_failures(stats_file)
+    return CorruptionError(damage_message(failures, snapshot)) if failures else None

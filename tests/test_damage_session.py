@@ -1,0 +1,80 @@
+# The CLI says what is damaged: psql / pg start / query on a copy of golden-plain with one damaged
+# chunk. The error names the snapshot path whose chunk failed and says the store is damaged,
+# instead of Postgres' last line; nothing is left behind. The oracle for "which file": the chunk
+# the test damaged belongs to exactly one file of the snapshot (found through the undamaged store).
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kloset_blocks.host.rundir import RUN_ROOT_ENV
+from kloset_blocks.store import codec as c
+from tests.conftest import REPO
+from tests.store_helpers import PLAIN, SNAP_A_PLAIN, copy_store, plain_store
+from tests.test_damage_store import damage_blob
+
+pytestmark = [pytest.mark.root, pytest.mark.slow]
+
+
+def cli(run_root: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "PLAKAR_PASSPHRASE"}
+    return subprocess.run(
+        [sys.executable, "-m", "kloset_blocks", *args],
+        cwd=REPO,
+        env={**env, RUN_ROOT_ENV: str(run_root)},
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
+def damage_only_chunk_of(store: Path, path: bytes) -> bytes:
+    """Damage a chunk used by `path` and by no other file of snapshot A; its MAC."""
+    snap = plain_store().open_snapshot(SNAP_A_PLAIN)
+    others = set()
+    for node in snap.nodes():
+        if node.data is not None and node.path != path:
+            others.update(node.data.macs)
+    mac = next(m for m in snap.open_file(path).macs if m not in others)
+    damage_blob(store, c.RT_CHUNK, mac)
+    return mac
+
+
+def nothing_left(run_root: Path) -> None:
+    assert list(run_root.iterdir()) == [], "run directory left behind"
+    assert str(run_root) not in Path("/proc/mounts").read_text()
+
+
+def test_psql_names_the_damaged_file(tmp_path: Path, run_root: Path) -> None:
+    store = copy_store(PLAIN, tmp_path / "store")
+    # pgbench_accounts of database shop (the largest relation: 200000 rows).
+    victim = b"/base/16384/16397"
+    mac = damage_only_chunk_of(store, victim)
+    res = cli(run_root, "psql", str(store), "bf6a", "-q", "--", "-XAtq", "-d", "shop", "-c",
+              "select sum(abalance) from pgbench_accounts")  # fmt: skip
+    assert res.returncode == 1, res.stderr
+    assert "Traceback" not in res.stderr
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("kloset-blocks: snapshot bf6afbae of the store is damaged: reading 1 file(s) failed: ")
+    assert f"{victim.decode()}: chunk " in last and mac.hex() in last and "MAC mismatch" in last
+    nothing_left(run_root)
+
+
+def test_pg_start_names_the_damaged_file_not_postgres(tmp_path: Path, run_root: Path) -> None:
+    store = copy_store(PLAIN, tmp_path / "store")
+    victim = b"/postgresql.conf"
+    damage_only_chunk_of(store, victim)
+    for args in (["psql", str(store), "bf6a", "--", "-c", "select 1"], ["pg", "start", str(store), "bf6a"]):
+        res = cli(run_root, *args)
+        assert res.returncode == 1, res.stderr
+        assert "Traceback" not in res.stderr
+        last = res.stderr.strip().splitlines()[-1]
+        assert "of the store is damaged: reading 1 file(s) failed: /postgresql.conf: chunk 0: " in last, last
+        assert "configuration file" not in last
+        nothing_left(run_root)
