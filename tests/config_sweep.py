@@ -5,8 +5,8 @@
 #
 #   python -m tests.config_sweep STORE_COPY ORIGINAL_CONFIG MODE [PASSPHRASE]
 #
-# MODE: plain-bytes / key-bytes (every byte, key from $KLOSET_BLOCKS_STORE_KEY) / kdf-bytes (the
-# bytes of KDFParams but its salt, with the passphrase: a salt byte is a different key, i.e. a
+# MODE: plain-bytes / key-bytes (every byte; the derived key, given in $KLOSET_BLOCKS_STORE_KEY) /
+# kdf-bytes (the bytes of KDFParams but its salt, with the passphrase: a salt byte is a different key, i.e. a
 # wrong passphrase, at full cost) / fields (each bounded field set just beyond, far beyond, to a
 # wrong type, or removed).
 #
@@ -29,6 +29,7 @@ import argon2.low_level
 from kloset_blocks.errors import KlosetError
 from kloset_blocks.store import codec as c
 from kloset_blocks.store import open_store
+from kloset_blocks.store.passphrase import KEY_ENV
 
 HANG_SECONDS = 120  # a hang guard, not a timing assertion: damage used to cost hours
 COST: dict[str, int] = {"argon2": 0, "scrypt": 0}
@@ -134,6 +135,7 @@ def field_cases(raw: bytes) -> Iterator[tuple[str, bytes]]:
 def main() -> None:
     store, original, mode = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
     passphrase = sys.argv[4] if len(sys.argv) > 4 else None
+    key = bytes.fromhex(os.environ[KEY_ENV]) if mode == "key-bytes" else None
     _record_costs()
     signal.signal(signal.SIGALRM, _alarm)
     raw = original.read_bytes()
@@ -149,7 +151,7 @@ def main() -> None:
         signal.alarm(HANG_SECONDS)
         outcome: dict[str, Any] = {"case": name}
         try:
-            with open_store(str(store), passphrase) as st:
+            with open_store(str(store), passphrase, key=key) as st:
                 outcome["opened"] = [i.hex_id for i in st.snapshots()]
         except KlosetError as e:
             outcome["error"] = str(e)

@@ -29,7 +29,7 @@ from kloset_blocks.errors import KlosetError
 from kloset_blocks.ext4.layout import BYTES, FILE
 from kloset_blocks.serving.server import Server
 from kloset_blocks.store import open_store
-from kloset_blocks.store.config import KEY_ENV
+from kloset_blocks.store.passphrase import KEY_ENV
 
 REPO = Path(__file__).resolve().parent.parent
 PASSPHRASE = "fuzz"

@@ -16,7 +16,7 @@ import pytest
 
 from kloset_blocks.errors import UsageError
 from kloset_blocks.store import codec as c
-from kloset_blocks.store.config import KEY_ENV
+from kloset_blocks.store.passphrase import KEY_ENV
 from tests.store_helpers import (
     ENC,
     PASSPHRASE,

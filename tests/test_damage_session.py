@@ -61,7 +61,8 @@ def test_psql_names_the_damaged_file(tmp_path: Path, run_root: Path) -> None:
     assert res.returncode == 1, res.stderr
     assert "Traceback" not in res.stderr
     last = res.stderr.strip().splitlines()[-1]
-    assert last.startswith("kloset-blocks: snapshot bf6afbae of the store is damaged: reading 1 file(s) failed: ")
+    head = "kloset-blocks: snapshot bf6afbae of the store is damaged: reading 1 file(s) failed: "
+    assert last.startswith(head), last
     assert f"{victim.decode()}: chunk " in last and mac.hex() in last and "MAC mismatch" in last
     nothing_left(run_root)
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import os
 import shutil
 import signal
@@ -35,9 +34,11 @@ import pyfuse3
 import trio
 
 from kloset_blocks.errors import KlosetError, UsageError
+from kloset_blocks.host.mounts import is_mounted
 from kloset_blocks.host.procs import proc_record, stop_process
-from kloset_blocks.host.rundir import RunDir
-from kloset_blocks.host.signals import signals_unwind
+from kloset_blocks.host.rundir import LOCK_FILE, RunDir, locked
+from kloset_blocks.host.signals import signals_blocked, signals_unwind
+from kloset_blocks.host.teardown import BACKING, Teardown, register_teardown
 
 # Keys of the run directory's state.json (see kloset_blocks.host.teardown.teardown_run_dir).
 STATE_PROC = "fuse_view"
@@ -168,12 +169,6 @@ async def _stop_on_signal() -> None:
             return
 
 
-def is_mounted(path: Path | str) -> bool:
-    target = str(path)
-    with open("/proc/mounts") as f:
-        return any(line.split()[1].encode().decode("unicode_escape") == target for line in f if line.strip())
-
-
 def unmount_lazily(path: Path | str) -> None:
     """A view that died leaves "Transport endpoint is not connected" behind: detach it."""
     if is_mounted(path):
@@ -234,7 +229,7 @@ def _run(
             ready(f"{kind}: {describe(ops)} on {mountpoint} (pid {os.getpid()}); {stop}", run)
             trio.run(_serve)
         finally:
-            with signals_blocked_quietly():
+            with signals_blocked():
                 if mounted:
                     pyfuse3.close(unmount=True)
                 ops.close()
@@ -243,31 +238,12 @@ def _run(
     return 0
 
 
-@contextlib.contextmanager
-def signals_blocked_quietly():  # type: ignore[no-untyped-def]
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
-
-
 def release_run_dir(path: Path) -> None:
     """Remove our run directory at a clean exit, unless `down` is tearing it down (holds its lock):
     then `down` removes it, and waiting for its lock would deadlock (it waits for us to exit)."""
-    try:
-        fd = os.open(path / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
-    except OSError:
-        return
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return
-    try:
-        shutil.rmtree(path, ignore_errors=True)
-    finally:
-        os.close(fd)
+    with locked(path / LOCK_FILE, wait=False) as mine:
+        if mine:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 # --- --daemon --------------------------------------------------------------------------------
@@ -334,9 +310,11 @@ def _detach(log_path: Path | None) -> None:
 # --- teardown from `kloset-blocks down` ------------------------------------------------------
 
 
-def stop_recorded_view(state: dict[str, Any]) -> None:
+def stop_recorded_view(t: Teardown) -> None:
     """Stop the view a run directory records (SIGTERM: it unmounts itself), then detach the mount
-    if it is still there (the view was killed or hung)."""
+    if it is still there (the view was killed or hung). A view is the backing of `mount --backend
+    fuse` (qemu-storage-daemon, its only reader, is stopped before) or stands alone."""
+    state = t.state
     rec = state.get(STATE_PROC)
     mnt = state.get(STATE_MOUNT)
     if rec:
@@ -348,6 +326,9 @@ def stop_recorded_view(state: dict[str, Any]) -> None:
         unmount_lazily(mnt)
         if is_mounted(mnt):
             raise FuseViewError(f"cannot unmount {mnt}")
+
+
+register_teardown(BACKING, "fuse view", stop_recorded_view)
 
 
 def check_not_mounted(path: Path) -> None:

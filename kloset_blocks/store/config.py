@@ -8,11 +8,10 @@
 # derivation and the canary use is bounded first (codec.check_encryption: at most Kloset's own
 # defaults), and anything beyond is "CONFIG is damaged or from an unknown version: ...".
 #
-# $KLOSET_BLOCKS_STORE_KEY (hex) is the key already derived: `kloset-blocks psql/mount/query` derive
-# it once in the CLI, to check the passphrase before starting anything, and hand it to the nbdkit
-# they start in its environment, where the passphrase would otherwise go, instead of having nbdkit
-# derive it again (Argon2id with plakar's defaults: ~1.5 s and 256 MiB). It is as secret as the
-# passphrase, is checked against the canary like one, and an explicit passphrase spec wins over it.
+# The secret comes as a parameter: the passphrase (or a callable giving it, called only if the store
+# is encrypted), or a key already derived (the CLI derives it once and hands it to the nbdkit it
+# starts, so that Argon2id does not run twice). A key is checked against the canary like a
+# passphrase; when both are given the key is used.
 from __future__ import annotations
 
 import os
@@ -21,10 +20,9 @@ from typing import Any
 
 from kloset_blocks.errors import CorruptionError, PassphraseError, StoreError, UnsupportedVersion
 from kloset_blocks.store import codec as c
-from kloset_blocks.store.passphrase import resolve_passphrase
+from kloset_blocks.store.passphrase import Secret
 
 CONFIG_VERSION = c.pack_version(1, 0, 0)
-KEY_ENV = "KLOSET_BLOCKS_STORE_KEY"
 MAX_CONFIG = 64 << 10  # Kloset's is under 1 KiB; a foreign file is not read whole
 
 
@@ -52,7 +50,7 @@ def read_config_file(root: str, display: str) -> bytes:
     return raw
 
 
-def load_config(root: str, display: str, passphrase: str | None) -> StoreConfig:
+def load_config(root: str, display: str, passphrase: Secret | None, key: bytes | None = None) -> StoreConfig:
     raw = read_config_file(root, display)
     path = os.path.join(root, "CONFIG")
     version, payload = c.unwrap(raw, c.RT_CONFIG, None, path)
@@ -69,7 +67,6 @@ def load_config(root: str, display: str, passphrase: str | None) -> StoreConfig:
         raise CorruptionError(f"{c.DAMAGED_CONFIG}: {path}: cannot decode the configuration") from None
     if not isinstance(config, dict):
         raise CorruptionError(f"{c.DAMAGED_CONFIG}: {path}: the configuration is not a map")
-    key = None
     encryption = config.get("Encryption")
     if encryption is None and not plain_intact:
         raise CorruptionError(f"{path}: MAC mismatch (file damaged or wrong key)")
@@ -78,15 +75,19 @@ def load_config(root: str, display: str, passphrase: str | None) -> StoreConfig:
             subkey, canary = c.check_encryption(encryption)
         except CorruptionError as e:
             raise CorruptionError(f"{e}: {path}") from None
-        key = _key_from_env(display, canary, subkey) if passphrase is None else None
-        if key is None:
-            secret = resolve_passphrase(passphrase, display)
+        if key is not None:
+            if len(key) != 32 or not c.verify_canary(key, canary, subkey):
+                raise PassphraseError(f"the key given does not open store {display}")
+        else:
+            secret = _passphrase_bytes(passphrase, display)
             try:
                 key = c.derive_key(secret, encryption["KDFParams"])
             except CorruptionError as e:
                 raise CorruptionError(f"{e}: {path}") from None
             if not c.verify_canary(key, canary, subkey):
                 raise PassphraseError(f"wrong passphrase for store {display}")
+    else:
+        key = None  # a key handed to a plaintext store's reader means nothing
     c.unwrap(raw, c.RT_CONFIG, c.config_mac(key), path)
     try:
         codec = c.Codec(config, key)
@@ -95,14 +96,9 @@ def load_config(root: str, display: str, passphrase: str | None) -> StoreConfig:
     return StoreConfig(version, config, key, codec)
 
 
-def _key_from_env(display: str, canary: bytes, subkey: str) -> bytes | None:
-    value = os.environ.get(KEY_ENV)
-    if not value:
-        return None
-    try:
-        key = bytes.fromhex(value)
-    except ValueError:
-        raise PassphraseError(f"${KEY_ENV} is not a hex key") from None
-    if len(key) != 32 or not c.verify_canary(key, canary, subkey):
-        raise PassphraseError(f"the key in ${KEY_ENV} does not open store {display}")
-    return key
+def _passphrase_bytes(passphrase: Secret | None, display: str) -> bytes:
+    if passphrase is None:
+        raise PassphraseError(f"store {display} is encrypted: no passphrase given")
+    if callable(passphrase):
+        return passphrase()
+    return os.fsencode(passphrase) if isinstance(passphrase, str) else passphrase
