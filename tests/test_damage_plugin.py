@@ -82,7 +82,7 @@ def test_failed_reads_are_one_line_each(tmp_path: Path, oracle_image, damage: st
     assert "Traceback" not in log, log
     lines = [line for line in log.splitlines() if "error" in line]
     assert len(lines) == 5, log
-    assert f"of export bf6afbae: {VICTIM.decode()}: " in lines[0] and loc.packfile.hex() in lines[0]
+    assert f"of export {SNAP_A_PLAIN}: {VICTIM.decode()}: " in lines[0] and loc.packfile.hex() in lines[0]
     if damage == "flipped":
         assert "chunk 0: packfile " in lines[0] and "MAC mismatch" in lines[0]
     else:  # the file's object lived in that packfile too
@@ -132,5 +132,5 @@ def test_export_that_cannot_be_built_fails_its_open_in_one_line(tmp_path: Path) 
     assert "Traceback" not in log, log
     errors = [line for line in log.splitlines() if "error" in line]
     assert (
-        len(errors) == 1 and "open of export 'bf6afbae': " in errors[0] and "vfs entry blob" in errors[0]
+        len(errors) == 1 and f"open of export {SNAP_A_PLAIN!r}: " in errors[0] and "vfs entry blob" in errors[0]
     ), log
