@@ -5,14 +5,19 @@
 # backup has no WAL"): the files that could not be read are the cause, so they are what is said.
 #
 # One line, the first failures in full and a count of the rest, so that it fits the CLI's
-# one-line error; the stats file is the plugin's own (JSON, rewritten atomically).
+# one-line error; the stats file is the plugin's own (JSON, rewritten atomically). A teardown step
+# also says it, as a progress line, for the sessions that outlive their command (`mount`, `pg
+# start`: at `down` / `pg stop`).
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from kloset_blocks.errors import CorruptionError
+from kloset_blocks.host.teardown import REPORT, Teardown, register_teardown
+from kloset_blocks.serving.nbdkit import STATS_FILE
 
 SHOWN = 2  # failures named in full; the rest are counted
 
@@ -46,6 +51,28 @@ def damage_message(failures: list[dict[str, Any]], snapshot: str = "") -> str:
 
 
 def damage_error(stats_file: Path | str | None, snapshot: str = "") -> CorruptionError | None:
-    """The error to raise instead of a session's own when reads from the store failed."""
-    failures = read_failures(stats_file)
+    """The error to raise instead of a session's own when reads of `snapshot` (its full id, the
+    export's name; "" for any) from the store failed."""
+    failures = [f for f in read_failures(stats_file) if not snapshot or f.get("export") in (snapshot, None)]
     return CorruptionError(damage_message(failures, snapshot)) if failures else None
+
+
+def session_damage(run_dir: Path | None, state: Mapping[str, Any] | None) -> CorruptionError | None:
+    """damage_error for a chain's run directory and the state app.check.Served recorded in it
+    (read before the teardown, which removes the directory)."""
+    served = (state or {}).get("served")
+    if run_dir is None or not served:
+        return None
+    return damage_error(run_dir / served.get("stats", STATS_FILE), str(served.get("snapshot") or ""))
+
+
+def _report_damage(t: Teardown) -> None:
+    """At teardown (`down`, `pg stop`, the end of `psql`): a line naming what could not be read."""
+    served = t.state.get("served")
+    if served:
+        damage = damage_error(t.path / served.get("stats", STATS_FILE), str(served.get("snapshot") or ""))
+        if damage is not None:
+            t.progress.say(str(damage))
+
+
+register_teardown(REPORT, "damage report", _report_damage)

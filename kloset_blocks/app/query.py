@@ -44,6 +44,7 @@ from typing import Any
 
 from kloset_blocks import postgres
 from kloset_blocks.app.check import check_snapshot, open_checked_store
+from kloset_blocks.app.damage import damage_error
 from kloset_blocks.errors import KlosetError, UsageError
 from kloset_blocks.host.backing import NbdkitBacking, SharedExport, StandaloneServer
 from kloset_blocks.host.chain import Chain
@@ -319,9 +320,15 @@ class QueryRun:
                 raise self._diagnose(info, e) from None
             if self._cancelled.is_set():
                 raise KlosetError("cancelled")
-            server = self._start_postgres(chain, progress)
-            with progress.phase("query"):
-                result.columns, result.rows = self._query(server)
+            try:
+                server = self._start_postgres(chain, progress)
+                with progress.phase("query"):
+                    result.columns, result.rows = self._query(server)
+            except KlosetError:
+                damage = damage_error(self.stats_path, info.hex_id)  # what Postgres could not read
+                if damage is not None:
+                    raise damage from None
+                raise
         finally:
             mark = self._stats_mtime()
             with progress.phase("down"):

@@ -6,7 +6,8 @@
 # Invariants: `mount` and `pg start` leave the chain running (nbdkit and qemu-storage-daemon in their
 # own sessions, everything recorded in the run directory) for a later `down`/`pg stop`; `psql` tears
 # down when psql ends. Any failure, Ctrl-C, SIGTERM or SIGHUP before that point tears down what was
-# started.
+# started. When Postgres or psql fails and reads from the store failed, the error says which
+# snapshot files could not be read (app/damage.py), not Postgres' last line.
 from __future__ import annotations
 
 import time
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from kloset_blocks import postgres
+from kloset_blocks.app.damage import session_damage
 from kloset_blocks.app.teardown import teardown_run_dir
 from kloset_blocks.host.backing import Backing
 from kloset_blocks.host.chain import Chain
@@ -61,8 +63,12 @@ def pg_session(
             server = postgres.start_server(
                 chain.run, chain.mountpoint, read_only=read_only, progress=progress, settings=settings
             )
-        except BaseException:
+        except BaseException as e:
+            # Postgres' last line blames the wrong thing when the store could not be read.
+            damage = session_damage(_run_path(chain), state) if isinstance(e, Exception) else None
             chain.teardown()
+            if damage is not None:
+                raise damage from None
             raise
     progress.done("ready", time.monotonic() - t0)
     return chain, server
@@ -82,12 +88,22 @@ def psql_session(
     chain, server = pg_session(
         backing, read_only=read_only, overlay=overlay, progress=progress, run_root=run_root, state=state
     )
+    damage = None
     with signals_unwind():
         try:
             with sigint_ignored():
-                return server.psql(psql_args)
+                status = server.psql(psql_args)
+            if status != 0:  # psql printed Postgres' error: say what it comes from
+                damage = session_damage(_run_path(chain), state)
         finally:
             chain.teardown()
+    if damage is not None:
+        raise damage
+    return status
+
+
+def _run_path(chain: Chain) -> Path | None:
+    return chain.run.path if chain.run is not None else None
 
 
 def stop_sessions(run_root: Path | str | None = None, progress: Progress | None = None) -> int:
