@@ -79,3 +79,38 @@ def test_pg_start_names_the_damaged_file_not_postgres(tmp_path: Path, run_root: 
         assert "of the store is damaged: reading 1 file(s) failed: /postgresql.conf: chunk 0: " in last, last
         assert "configuration file" not in last
         nothing_left(run_root)
+
+
+def test_query_names_the_damaged_file_and_answers_from_the_others(tmp_path: Path, run_root: Path) -> None:
+    store = copy_store(PLAIN, tmp_path / "store")
+    victim = b"/base/16384/16397"  # pgbench_accounts; B rewrote the chunk damaged here (A's only)
+    damage_only_chunk_of(store, victim)
+    res = cli(run_root, "query", str(store), "--db", "shop", "--format", "csv",
+              "select sum(abalance) from pgbench_accounts")  # fmt: skip
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
+    assert "420" in res.stdout  # snapshot B's answer, from the README's live server
+    errors = [line for line in res.stderr.splitlines() if line.startswith("kloset-blocks: query: snapshot")]
+    assert len(errors) == 1 and errors[0].startswith(
+        "kloset-blocks: query: snapshot bf6afbae: snapshot bf6afbae"
+    )
+    assert f"is damaged: reading 1 file(s) failed: {victim.decode()}: chunk " in errors[0]
+    nothing_left(run_root)
+
+
+def test_mount_then_down_names_what_could_not_be_read(tmp_path: Path, run_root: Path) -> None:
+    store = copy_store(PLAIN, tmp_path / "store")
+    damage_only_chunk_of(store, b"/postgresql.conf")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    res = cli(run_root, "mount", str(store), "bf6a", str(mnt))
+    assert res.returncode == 0, res.stderr
+    try:
+        with pytest.raises(OSError) as info:
+            (mnt / "postgresql.conf").read_bytes()
+        assert info.value.errno == 5  # EIO
+        assert (mnt / "PG_VERSION").read_text() == "15\n"
+    finally:
+        down = cli(run_root, "down")
+    assert down.returncode == 0, down.stderr
+    assert "is damaged: reading 1 file(s) failed: /postgresql.conf: chunk 0: " in down.stderr, down.stderr
+    nothing_left(run_root)

@@ -20,6 +20,7 @@ from kloset_blocks.host.teardown import REPORT, Teardown, register_teardown
 from kloset_blocks.serving.nbdkit import STATS_FILE
 
 SHOWN = 2  # failures named in full; the rest are counted
+REPORTED = "damage-reported"  # in a run directory: its session raised the damage as its error
 
 
 def read_failures(stats_file: Path | str | None) -> list[dict[str, Any]]:
@@ -63,13 +64,16 @@ def session_damage(run_dir: Path | None, state: Mapping[str, Any] | None) -> Cor
     served = (state or {}).get("served")
     if run_dir is None or not served:
         return None
-    return damage_error(run_dir / served.get("stats", STATS_FILE), str(served.get("snapshot") or ""))
+    damage = damage_error(run_dir / served.get("stats", STATS_FILE), str(served.get("snapshot") or ""))
+    if damage is not None:
+        (run_dir / REPORTED).touch()  # the session says it: the teardown need not say it again
+    return damage
 
 
 def _report_damage(t: Teardown) -> None:
     """At teardown (`down`, `pg stop`, the end of `psql`): a line naming what could not be read."""
     served = t.state.get("served")
-    if served:
+    if served and not (t.path / REPORTED).exists():
         damage = damage_error(t.path / served.get("stats", STATS_FILE), str(served.get("snapshot") or ""))
         if damage is not None:
             t.progress.say(str(damage))
