@@ -251,8 +251,8 @@ class Restorer:
     def _file(self, dst: bytes, content: Entry, meta: Entry) -> bool:
         """Write `content` to `dst` through a temporary name; False (and the path listed as
         damaged) when the store cannot give all of its bytes."""
-        if os.path.lexists(dst):
-            raise KlosetError(f"restore: {_s(dst)} already exists")
+        if os.path.lexists(dst):  # as O_EXCL on the real name would say
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), dst)
         self._tmp += 1
         tmp = os.path.join(os.path.dirname(dst), b".kloset-restore-%d-%d.tmp" % (os.getpid(), self._tmp))
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
