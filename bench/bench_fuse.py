@@ -41,7 +41,7 @@ from kloset_blocks.app.sessions import pg_session
 from kloset_blocks.app.teardown import teardown_run_dir
 from kloset_blocks.ext4.layout import ZERO
 from kloset_blocks.fuse.chain import ExposedImage, expose_argv
-from kloset_blocks.fuse.mount import STATE_MOUNT, STATE_PROC
+from kloset_blocks.fuse.record import STATE_MOUNT, STATE_PROC
 from kloset_blocks.host.backing import NbdkitBacking
 from kloset_blocks.host.chain import Chain
 from kloset_blocks.host.procs import proc_record

@@ -16,7 +16,7 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 
-from kloset_blocks.fuse.mount import STATE_KIND, STATE_MOUNT, STATE_PROC
+from kloset_blocks.fuse.record import STATE_KIND, STATE_MOUNT, STATE_PROC
 from kloset_blocks.host.mounts import is_mounted
 from kloset_blocks.host.procs import proc_record, spawn
 from kloset_blocks.host.rundir import RunDir

@@ -23,9 +23,7 @@ import errno
 import os
 import shutil
 import signal
-import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -34,25 +32,16 @@ import pyfuse3
 import trio
 
 from kloset_blocks.errors import KlosetError, UsageError
+from kloset_blocks.fuse.record import STATE_KIND, STATE_MOUNT, STATE_PROC, FuseViewError
 from kloset_blocks.host.mounts import is_mounted
-from kloset_blocks.host.procs import proc_record, stop_process
+from kloset_blocks.host.procs import proc_record
 from kloset_blocks.host.rundir import LOCK_FILE, RunDir, locked
 from kloset_blocks.host.signals import signals_blocked, signals_unwind
-from kloset_blocks.host.teardown import BACKING, Teardown, register_teardown
-
-# Keys of the run directory's state.json (see kloset_blocks.host.teardown.teardown_run_dir).
-STATE_PROC = "fuse_view"
-STATE_MOUNT = "fuse_view_mount"
-STATE_KIND = "fuse_view_kind"
 
 # Attributes and names never change while mounted: let the kernel cache them for long.
 CACHE_TIMEOUT = 3600.0
 MAX_TASKS = 32  # concurrent FUSE requests in flight (each read may wait on a chunk fetch)
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-
-
-class FuseViewError(KlosetError):
-    """A FUSE view could not be mounted or served."""
 
 
 def log(msg: str) -> None:
@@ -167,13 +156,6 @@ async def _stop_on_signal() -> None:
         async for _ in signals:
             pyfuse3.terminate()
             return
-
-
-def unmount_lazily(path: Path | str) -> None:
-    """A view that died leaves "Transport endpoint is not connected" behind: detach it."""
-    if is_mounted(path):
-        argv = ["umount", "-l", str(path)] if os.geteuid() == 0 else ["fusermount3", "-u", "-z", str(path)]
-        subprocess.run(argv, capture_output=True, stdin=subprocess.DEVNULL, check=False)
 
 
 def run_view(
@@ -305,30 +287,6 @@ def _detach(log_path: Path | None) -> None:
     os.dup2(out, 2)
     for fd in {null, out}:
         os.close(fd)
-
-
-# --- teardown from `kloset-blocks down` ------------------------------------------------------
-
-
-def stop_recorded_view(t: Teardown) -> None:
-    """Stop the view a run directory records (SIGTERM: it unmounts itself), then detach the mount
-    if it is still there (the view was killed or hung). A view is the backing of `mount --backend
-    fuse` (qemu-storage-daemon, its only reader, is stopped before) or stands alone."""
-    state = t.state
-    rec = state.get(STATE_PROC)
-    mnt = state.get(STATE_MOUNT)
-    if rec:
-        stop_process(rec, timeout=10.0)
-    if mnt:
-        deadline = time.monotonic() + 2.0
-        while is_mounted(mnt) and time.monotonic() < deadline and rec:
-            time.sleep(0.02)
-        unmount_lazily(mnt)
-        if is_mounted(mnt):
-            raise FuseViewError(f"cannot unmount {mnt}")
-
-
-register_teardown(BACKING, "fuse view", stop_recorded_view)
 
 
 def check_not_mounted(path: Path) -> None:
