@@ -114,3 +114,17 @@ def test_mount_then_down_names_what_could_not_be_read(tmp_path: Path, run_root: 
     assert down.returncode == 0, down.stderr
     assert "is damaged: reading 1 file(s) failed: /postgresql.conf: chunk 0: " in down.stderr, down.stderr
     nothing_left(run_root)
+
+
+def test_query_says_which_damage_hid_a_snapshot(tmp_path: Path, run_root: Path) -> None:
+    from tests.store_helpers import SNAP_B_PLAIN, flip_byte
+
+    store = copy_store(PLAIN, tmp_path / "store")
+    state_b = store / "states" / SNAP_B_PLAIN[:2] / SNAP_B_PLAIN
+    flip_byte(state_b, state_b.stat().st_size // 2)
+    sql = "select count(*) from customers"
+    res = cli(run_root, "query", str(store), "--db", "shop", "--format", "csv", sql)
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
+    assert "5000" in res.stdout  # snapshot A's answer (README), still served
+    assert f"kloset-blocks: query: damaged state left out: state {state_b}: MAC mismatch" in res.stderr
+    nothing_left(run_root)
