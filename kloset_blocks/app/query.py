@@ -45,12 +45,15 @@ from typing import Any
 from kloset_blocks import postgres
 from kloset_blocks.app.check import check_snapshot, open_checked_store
 from kloset_blocks.app.damage import damage_error
+from kloset_blocks.app.sessions import session_faults
+from kloset_blocks.app.warden import Warden
 from kloset_blocks.errors import KlosetError, UsageError
 from kloset_blocks.host.backing import NbdkitBacking, SharedExport, StandaloneServer
 from kloset_blocks.host.chain import Chain
 from kloset_blocks.host.progress import Progress
+from kloset_blocks.host.rundir import run_root as run_root_dir
 from kloset_blocks.host.signals import signals_unwind
-from kloset_blocks.serving.nbdkit import STATS_FILE
+from kloset_blocks.serving.nbdkit import SHARED_NBDKIT_THREADS, STATS_FILE
 from kloset_blocks.store import SnapshotInfo, Store
 
 STATUS_ROWS, STATUS_EMPTY, STATUS_ERROR = "rows", "no rows", "error"
@@ -211,18 +214,21 @@ class QueryRun:
 
     def run(self) -> list[Result]:
         t0 = time.monotonic()
-        self._tmp = Path(tempfile.mkdtemp(prefix="kb-query-"))  # 0700: the stats file
-        try:
-            with signals_unwind():
-                try:
-                    self._start_server()
-                    self._run_all()
-                finally:
-                    self._stop_all()
-        finally:
-            self.fetched_total = self._stats().get("store_bytes_read")
-            shutil.rmtree(self._tmp, ignore_errors=True)
-            self.seconds = time.monotonic() - t0
+        # One signal scope from the first thing made to the last removed; the warden tears down the
+        # chains and removes the temporary directory if this process is killed outright.
+        with signals_unwind():
+            self._tmp = Path(tempfile.mkdtemp(prefix="kb-query-"))  # 0700: the stats file
+            try:
+                with Warden(run_root_dir(self.options.run_root), [self._tmp]):
+                    try:
+                        self._start_server()
+                        self._run_all()
+                    finally:
+                        self._stop_all()
+            finally:
+                self.fetched_total = self._stats().get("store_bytes_read")
+                shutil.rmtree(self._tmp, ignore_errors=True)
+                self.seconds = time.monotonic() - t0
         return [r for r in self.results if r is not None]
 
     def nbdkit(self) -> tuple[list[str], dict[str, str | None]]:
@@ -235,6 +241,7 @@ class QueryRun:
             key=self.store.codec.key,  # derived already: nbdkit need not derive it again
             pgdata=True,
             stats=str(self.stats_path),
+            threads=SHARED_NBDKIT_THREADS,  # one chain dying must not abort the others' nbdkit
         )
         argv.append("lazy=true")  # one broken snapshot must not stop the server for the others
         if self.options.cache_dir:
@@ -320,15 +327,20 @@ class QueryRun:
                 raise self._diagnose(info, e) from None
             if self._cancelled.is_set():
                 raise KlosetError("cancelled")
-            try:
-                server = self._start_postgres(chain, progress)
-                with progress.phase("query"):
-                    result.columns, result.rows = self._query(server)
-            except KlosetError:
-                damage = damage_error(self.stats_path, info.hex_id)  # what Postgres could not read
-                if damage is not None:
-                    raise damage from None
-                raise
+            server = self._start_postgres(chain, progress)
+            with progress.phase("query"):
+                result.columns, result.rows = self._query(server)
+        except KlosetError as e:
+            # Say what failed under the snapshot (reads from the store that failed, the shared
+            # nbdkit died, the overlay's disk is full) rather than only Postgres' last words.
+            damage = damage_error(self.stats_path, info.hex_id)
+            faults = session_faults(chain.run) + session_faults(self.server.run if self.server else None)
+            if damage is not None and not faults:
+                raise damage from None
+            if faults:
+                first = str(damage) if damage is not None else str(e)
+                raise KlosetError("; ".join(dict.fromkeys([first, *faults]))) from None
+            raise
         finally:
             mark = self._stats_mtime()
             with progress.phase("down"):
