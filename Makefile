@@ -2,7 +2,7 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: deps test test-fast demo bench lint clean
+.PHONY: deps test test-fast demo bench fuzz lint clean
 
 deps:
 	@bash scripts/deps.sh
@@ -19,6 +19,9 @@ demo: deps
 
 bench: deps
 	$(PY) -m pytest bench -q --benchmark-enable --benchmark-only
+
+fuzz: deps  # damaged stores at random, longer than the suite's run: FUZZ_ARGS="--seed N --iterations N"
+	$(PY) -m tests.fuzz_damage $(FUZZ_ARGS)
 
 lint: deps
 	$(VENV)/bin/ruff check kloset_blocks nbdplugin tests bench

@@ -28,6 +28,16 @@ class CorruptionError(KlosetError):
     """Stored bytes fail a check (MAC, magic, length, decode). Never returns wrong bytes."""
 
 
+class FileDamaged(CorruptionError):
+    """A file of a snapshot cannot be read (its entry, object or a chunk fails a check): the
+    message starts with the snapshot path, so that whoever reads it knows which file is lost."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
 class NotFound(KlosetError):
     """Unknown snapshot prefix, path or blob."""
 

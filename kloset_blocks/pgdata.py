@@ -16,7 +16,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Protocol
 
-from kloset_blocks.errors import NotFound, PgError
+from kloset_blocks.errors import KlosetError, NotFound, PgError
 
 PG_VERSION = b"PG_VERSION"
 CANDIDATES = (b"/", b"/data")  # checked first, with two cheap lookups
@@ -71,6 +71,8 @@ def holds_pgdata(snapshot: SnapshotTree, root: bytes) -> bool:
         snapshot.lookup(root.rstrip(b"/") + b"/" + PG_VERSION)
     except NotFound:
         return False
+    except KlosetError:  # there, though its entry cannot be read: reading it says so
+        return True
     return True
 
 

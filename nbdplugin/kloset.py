@@ -8,6 +8,7 @@
 import errno
 import os
 import sys
+import traceback
 
 import nbdkit
 
@@ -94,13 +95,30 @@ def default_export(readonly, is_tls):
     return server.default_export
 
 
+class OneLine(Exception):
+    """An error nbdkit is to log as its message alone: a failed read or open is the store's fault,
+    not the plugin's, and its traceback (35 lines each) told nothing more."""
+
+
+def _format_exception(exc, value=None, tb=None, **kw):
+    # nbdkit's Python plugin logs an exception raised by a callback through
+    # traceback.format_exception() (plugins/python/errors.c, print_python_traceback), and raising is
+    # the only way a callback can fail a request: so our own errors are formatted as one line here.
+    if isinstance(value, OneLine) or (value is None and isinstance(exc, OneLine)):
+        return [str(value if value is not None else exc)]
+    return _traceback_format_exception(exc, value, tb, **kw)
+
+
+_traceback_format_exception = traceback.format_exception
+traceback.format_exception = _format_exception
+
+
 def open(readonly):
     try:
         return server.open(nbdkit.export_name())
     except KlosetError as e:
-        nbdkit.debug(f"kloset: open: {e}")
         nbdkit.set_error(errno.ENOENT)
-        raise
+        raise OneLine(f"open of export {nbdkit.export_name()!r}: {e}") from None
 
 
 def close(h):
@@ -145,9 +163,8 @@ def pread(h, buf, offset, flags):
         server.pread(h, buf, offset)
     except KlosetError as e:
         # Corrupt or missing data fails this request only; the server keeps serving the rest.
-        nbdkit.debug(f"kloset: read {len(buf)}@{offset}: {e}")
         nbdkit.set_error(errno.EIO)
-        raise
+        raise OneLine(server.read_failed(h, offset, len(buf), e)) from None
 
 
 def cache(h, count, offset, flags):

@@ -189,8 +189,10 @@ def test_unsupported_state_version(tmp_path: Path) -> None:
     codec = plain_store().codec
     _version, payload = c.unwrap(state.read_bytes(), c.RT_STATE, codec.mac, "state")
     state.write_bytes(c.wrap(c.RT_STATE, c.pack_version(1, 2, 0), payload, codec.mac))
-    with pytest.raises(UnsupportedVersion, match=r"unsupported state version 1\.2\.0"):
-        open_store(str(store))
+    # Left out of the index: the snapshots that need its blobs fail and say why.
+    opened = open_store(str(store))
+    assert len(opened.snapshots()) < 2
+    assert any(r"unsupported state version 1.2.0" in line for line in opened.problems())
 
 
 @pytest.mark.parametrize(
@@ -295,8 +297,9 @@ def test_flipped_vfs_entry_byte(plain_copy: Path) -> None:
     snap = open_store(str(plain_copy)).open_snapshot(SNAP_A_PLAIN)
     with pytest.raises(CorruptionError, match=f"vfs entry blob {entry.mac.hex()}"):
         snap.lookup(b"/PG_VERSION")
-    with pytest.raises(CorruptionError):
-        list(snap.walk())
+    # A walk goes on: the entry is a placeholder that says why (tests/test_damage_store.py).
+    damaged = [e for _, e in snap.walk() if e.damage]
+    assert [e.path for e in damaged] == [b"/PG_VERSION"] and entry.mac.hex() in str(damaged[0].damage)
     assert snap.lookup(b"/backup_label").size == 225
     assert_one_line_error(run_cli("ls", str(plain_copy), "bf6a:/"), entry.mac.hex())
 
@@ -314,11 +317,16 @@ def test_flipped_vfs_node_byte(plain_copy: Path) -> None:
 
 
 def test_flipped_state_byte(plain_copy: Path) -> None:
+    # The store still opens (tests/test_damage_store.py: what else is still served); `snapshots`
+    # names the damaged state and exits 1.
     state = plain_copy / "states" / "bf" / SNAP_A_PLAIN
     flip_byte(state, state.stat().st_size // 2)
-    with pytest.raises(CorruptionError, match=f"state {state}: MAC mismatch"):
-        open_store(str(plain_copy))
-    assert_one_line_error(run_cli("snapshots", str(plain_copy)), "MAC mismatch", SNAP_A_PLAIN)
+    store = open_store(str(plain_copy))
+    with pytest.raises(NotFound, match=f"the store is damaged: state {state}: MAC mismatch"):
+        store.find_snapshot("bf6a")
+    proc = run_cli("snapshots", str(plain_copy))
+    assert proc.returncode == 1 and b"Traceback" not in proc.stderr
+    assert f"damaged state left out: state {state}: MAC mismatch".encode() in proc.stderr
 
 
 @pytest.mark.parametrize("where", [40, 100, -40, -5])

@@ -44,6 +44,7 @@ from typing import Any
 
 from kloset_blocks import postgres
 from kloset_blocks.app.check import check_snapshot, open_checked_store
+from kloset_blocks.app.damage import damage_error
 from kloset_blocks.app.sessions import session_faults
 from kloset_blocks.app.warden import Warden
 from kloset_blocks.errors import KlosetError, UsageError
@@ -330,11 +331,15 @@ class QueryRun:
             with progress.phase("query"):
                 result.columns, result.rows = self._query(server)
         except KlosetError as e:
-            # Say what failed under the snapshot (the shared nbdkit died, the overlay's disk is
-            # full) rather than only Postgres' last words about it.
+            # Say what failed under the snapshot (reads from the store that failed, the shared
+            # nbdkit died, the overlay's disk is full) rather than only Postgres' last words.
+            damage = damage_error(self.stats_path, info.hex_id)
             faults = session_faults(chain.run) + session_faults(self.server.run if self.server else None)
+            if damage is not None and not faults:
+                raise damage from None
             if faults:
-                raise KlosetError(f"{e}; {'; '.join(dict.fromkeys(faults))}") from None
+                first = str(damage) if damage is not None else str(e)
+                raise KlosetError("; ".join(dict.fromkeys([first, *faults]))) from None
             raise
         finally:
             mark = self._stats_mtime()

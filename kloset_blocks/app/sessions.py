@@ -6,7 +6,8 @@
 # Invariants: `mount` and `pg start` leave the chain running (nbdkit and qemu-storage-daemon in their
 # own sessions, everything recorded in the run directory) for a later `down`/`pg stop`; `psql` tears
 # down when psql ends. Any failure, Ctrl-C, SIGTERM or SIGHUP before that point tears down what was
-# started.
+# started. When Postgres or psql fails and reads from the store failed, the error says which
+# snapshot files could not be read (app/damage.py), not Postgres' last line.
 from __future__ import annotations
 
 import sys
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from kloset_blocks import postgres
+from kloset_blocks.app.damage import session_damage
 from kloset_blocks.app.teardown import teardown_run_dir
 from kloset_blocks.app.warden import Warden
 from kloset_blocks.host.backing import Backing
@@ -73,8 +75,12 @@ def pg_session(
                 chain.run, chain.mountpoint, read_only=read_only, progress=progress, settings=settings
             )
             progress.done("ready", time.monotonic() - t0)
-        except BaseException:
+        except BaseException as e:
+            # Postgres' last line blames the wrong thing when the store could not be read.
+            damage = session_damage(_run_path(chain), state) if isinstance(e, Exception) else None
             chain.teardown()
+            if damage is not None:
+                raise damage from None
             raise
     return chain, server
 
@@ -109,12 +115,19 @@ def psql_session(
             with sigint_ignored():
                 rc = server.psql(psql_args)
             faults = session_faults(started[0].run)
+            damage = session_damage(_run_path(started[0]), state) if rc != 0 else None
+            if damage is not None:  # psql printed Postgres' error: say what it comes from
+                faults.insert(0, str(damage))
             for fault in faults:
                 print(f"kloset-blocks: {fault}", file=sys.stderr, flush=True)
             return rc or (1 if faults else 0)
         finally:
             for chain in started:
                 chain.teardown()
+
+
+def _run_path(chain: Chain) -> Path | None:
+    return chain.run.path if chain.run is not None else None
 
 
 def session_faults(run: RunDir | None) -> list[str]:

@@ -1,11 +1,12 @@
 # `kloset-blocks down` and `pg stop` from any process: teardown of run directories with every
 # layer's teardown steps registered. Each layer registers the steps for what it starts when it is
 # imported (host.backing: nbdkit; postgres.server: the server; fuse.record: FUSE views; app.check:
-# the fetch report), so a process that tears down chains it did not start itself imports them all
-# here first.
+# the fetch report; app.damage: what could not be read), so a process that tears down chains it
+# did not start itself imports them all here first.
 from __future__ import annotations
 
 import kloset_blocks.app.check
+import kloset_blocks.app.damage
 import kloset_blocks.fuse.record
 import kloset_blocks.host.backing
 import kloset_blocks.postgres.server  # noqa: F401  (registration is the import's purpose)

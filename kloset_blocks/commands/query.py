@@ -1,7 +1,8 @@
 # `kloset-blocks query STORE "SQL"`: the argument plumbing over kloset_blocks.app.query.
 #
 # Exit status: 0 when the query ran on every chosen snapshot (with or without rows), 1 when it
-# failed on any of them (each named on stderr, and in the summary), or on a usage error.
+# failed on any of them (each named on stderr, and in the summary), when damage in the store hid
+# snapshots (damaged states, unreadable headers: named on stderr), or on a usage error.
 from __future__ import annotations
 
 import argparse
@@ -36,14 +37,16 @@ def cmd_query(args: argparse.Namespace) -> int:
         Progress(args.quiet).say(f"query on {len(infos)} snapshot(s), {options.jobs} at a time")
         run = QueryRun(args.store, store, infos, options, on_result=printer.result)
         results = run.run()
+        problems = store.problems()  # damage that hid snapshots from the selection
     printer.finish(run, results)
+    for line in problems:
+        print(f"kloset-blocks: query: {line}", file=sys.stderr)
     failed = [r.info.short_id for r in results if r.error is not None]
     if failed:
         print(
             f"kloset-blocks: query failed on {len(failed)} snapshot(s): {', '.join(failed)}", file=sys.stderr
         )
-        return 1
-    return 0
+    return 1 if failed or problems else 0
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -8,6 +8,11 @@
 # - cat and restore stream chunk by chunk: memory never holds a whole file.
 # - restore never follows a symlink it created: files are opened O_NOFOLLOW|O_EXCL, attributes
 #   are set without following links, and directory modes/mtimes are applied last, deepest first.
+# - restore goes on past damage: each file is written under a temporary name in its directory and
+#   renamed to its own only when whole, so a file under its real name is always complete; a file
+#   that cannot be read (or whose entry cannot: store/snapshot.py's placeholders) is left out, a
+#   directory whose entry cannot be read is made 0700 with its readable contents, and every
+#   damaged path is listed at the end with exit status 1.
 from __future__ import annotations
 
 import argparse
@@ -93,6 +98,12 @@ def _out(line: str) -> None:
     sys.stdout.buffer.write(line.encode("utf-8", "surrogateescape") + b"\n")
 
 
+def _err(line: str) -> None:
+    sys.stdout.flush()
+    sys.stderr.buffer.write(b"kloset-blocks: " + line.encode("utf-8", "surrogateescape") + b"\n")
+    sys.stderr.flush()
+
+
 # ---------------------------------------------------------------- snapshots
 
 
@@ -102,11 +113,17 @@ def cmd_snapshots(args: argparse.Namespace) -> int:
             when = info.timestamp.strftime("%Y-%m-%dT%H:%M:%SZ")
             source = _s(f"{info.importer_type}:{info.importer_origin}:{info.importer_directory}")
             line = f"{info.short_id}  {when}  {_s(info.name)}  {format_size(info.size)}  {source}"
-            manifest = read_manifest(store.open_snapshot(info.hex_id))  # plakar's postgres+bin
+            try:
+                manifest = read_manifest(store.open_snapshot(info.hex_id))  # plakar's postgres+bin
+            except KlosetError:
+                manifest = None  # a damaged snapshot is still listed; reading it will say what is wrong
             if manifest is not None:
                 line += "  " + manifest.summary(quote=_s)  # its names are data too
             _out(line)
-    return 0
+        problems = store.problems()
+    for line in problems:
+        _err(line)
+    return 1 if problems else 0
 
 
 # ---------------------------------------------------------------- ls
@@ -129,7 +146,10 @@ def cmd_ls(args: argparse.Namespace) -> int:
         listing = snap.listdir(path) if entry.is_dir else [(entry.name, entry)]
         for name, e in listing:
             _out(_long(name, e) if args.long else _s(name))
-    return 0
+    damaged = [e for _, e in listing if e.damage]
+    for e in damaged:
+        _err(f"{_s(e.path)}: entry cannot be read: {e.damage}")
+    return 1 if damaged else 0
 
 
 # ---------------------------------------------------------------- cat
@@ -159,6 +179,8 @@ class Restorer:
         self.dirs: list[tuple[bytes, Entry]] = []
         self.made: set[bytes] = set()  # snapshot paths of directories this run created
         self.files: dict[bytes, bytes] = {}  # snapshot path -> restored path of regular files
+        self.damaged: list[tuple[bytes, str]] = []  # (snapshot path, why) left out or incomplete
+        self._tmp = 0
 
     def local(self, path: bytes) -> bytes:
         if path == self.base:
@@ -174,7 +196,7 @@ class Restorer:
             os.makedirs(self.dest, exist_ok=True)
             self.made.add(self.base)
             self._one(top.path, top)
-            return 1
+            return 0 if self.damaged else 1
         self.base = top.path
         count = 0
         links: list[tuple[bytes, Entry]] = []
@@ -189,7 +211,7 @@ class Restorer:
             count += 1
         for path, entry in sorted(self.dirs, key=lambda d: d[0].count(b"/"), reverse=True):
             self._attrs(self.local(path), entry)
-        return count
+        return count - sum(1 for path, _ in self.damaged if path not in self.made)
 
     def _one(self, path: bytes, e: Entry) -> None:
         if b"\0" in path or (e.symlink_target is not None and b"\0" in e.symlink_target):
@@ -205,16 +227,24 @@ class Restorer:
                 if path != self.base or os.path.islink(dst) or not os.path.isdir(dst):
                     raise KlosetError(f"restore: {_s(dst)} already exists") from None
             self.made.add(path)
-            self.dirs.append((path, e))
+            if e.damage:  # its contents are restored; its own mode, owner and times are lost
+                self.damaged.append((path, f"directory entry cannot be read: {e.damage}"))
+            else:
+                self.dirs.append((path, e))
+            return
+        if e.damage:
+            self.damaged.append((path, f"entry cannot be read: {e.damage}"))
             return
         target = self.snap.hardlink_target(e)
         if target is not None and target.path in self.files:
             os.link(self.files[target.path], dst, follow_symlinks=False)
             return
         if target is not None:  # link to a file outside the restored subtree: copy its content
-            self._file(dst, target, e)
+            if not self._file(dst, target, e):
+                return
         elif e.is_reg:
-            self._file(dst, e, e)
+            if not self._file(dst, e, e):
+                return
             self.files[path] = dst
         elif e.is_symlink:
             os.symlink(e.symlink_target or b"", dst)
@@ -230,16 +260,31 @@ class Restorer:
                 return
         self._attrs(dst, e)
 
-    def _file(self, dst: bytes, content: Entry, meta: Entry) -> None:
-        fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    def _file(self, dst: bytes, content: Entry, meta: Entry) -> bool:
+        """Write `content` to `dst` through a temporary name; False (and the path listed as
+        damaged) when the store cannot give all of its bytes."""
+        if os.path.lexists(dst):  # as O_EXCL on the real name would say
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), dst)
+        self._tmp += 1
+        tmp = os.path.join(os.path.dirname(dst), b".kloset-restore-%d-%d.tmp" % (os.getpid(), self._tmp))
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        whole = False
         try:
             f = SnapshotFile(self.snap, content)
             for piece in f.iter_read(readahead=2):
                 view = memoryview(piece)
                 while view:
                     view = view[os.write(fd, view) :]
+            whole = True
+        except KlosetError as err:
+            self.damaged.append((meta.path, str(err)))
         finally:
             os.close(fd)
+            if not whole:
+                os.unlink(tmp)
+        if whole:
+            os.rename(tmp, dst)
+        return whole
 
     def _attrs(self, dst: bytes, e: Entry) -> None:
         if self.is_root:
@@ -255,7 +300,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
     with _open(args) as store:
         snap, path = _resolve(store, args.target)
         try:
-            count = Restorer(snap, path, args.dest).run()
+            restorer = Restorer(snap, path, args.dest)
+            count = restorer.run()
         except NotFound:
             raise
         except OSError as e:
@@ -263,8 +309,14 @@ def cmd_restore(args: argparse.Namespace) -> int:
             raise KlosetError(
                 f"restore failed:{where}: {e.strerror or errno.errorcode.get(e.errno, e)}"
             ) from None
+        restorer_damaged = restorer.damaged
     print(f"restored {count} paths from snapshot {snap.info.short_id} to {args.dest}", file=sys.stderr)
-    return 0
+    if restorer_damaged:
+        n = len(restorer_damaged)
+        _err(f"restore: {n} damaged paths (files left out, directories without their attributes):")
+        for path, why in restorer_damaged:
+            _err(f"damaged: {_s(path)}: {why}")
+    return 1 if restorer_damaged else 0
 
 
 __all__ = ["Restorer", "UsageError", "register", "split_target"]

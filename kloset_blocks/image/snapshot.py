@@ -6,6 +6,13 @@
 #
 # Only metadata is read here: entries through the snapshot's B+tree walk. File data stays in the
 # store until someone reads it.
+#
+# Damage: a file whose data cannot be read (object or chunk) is in the image at its size and its
+# blocks read as EIO. A file whose entry cannot be read is in the image too, as a placeholder of
+# one Postgres page (store/snapshot.py, DAMAGED_SIZE) whose blocks are EIO, rather than left out:
+# a missing or empty relation segment reads as a shorter relation to Postgres, a silently wrong
+# answer, where an unreadable one is an error naming the file. A directory whose entry cannot be
+# read is a 0700 directory with its readable contents.
 from __future__ import annotations
 
 import pwd

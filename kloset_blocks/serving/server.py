@@ -39,6 +39,14 @@
 # (bench/RESULTS.md, "Adaptive readahead", has the before and after). Requests
 # hand ranges to the planner through a SimpleQueue (put() never blocks nor takes a Python-level
 # lock; ThreadPoolExecutor.submit() takes a process-wide one, a convoy under nbdkit's threads).
+#
+# A read that fails (damaged or missing data) fails that request only, with EIO. read_failed()
+# gives the one line the plugin logs for it: the whole error (snapshot path, chunk, packfile,
+# reason) the first time a (path, reason) fails, a short line naming the path on repeats (a kernel
+# retries, Postgres retries: a missing packfile once made thousands of lines). The failures,
+# counted, go into the stats file (`read_failures`, at most MAX_FAILURES distinct ones; the file is
+# rewritten at once on a new failure), which the CLI reads to say which files of the snapshot are
+# damaged when a session fails.
 from __future__ import annotations
 
 import _thread
@@ -94,6 +102,8 @@ RA_MIN = 128 << 10
 # Readahead granularity, and the smallest number of planned blocks remembered per export.
 PLAN_BLOCK = 1 << 20
 _PLANNED_MIN = 64
+# Distinct read failures kept for the stats file; more are counted, not kept.
+MAX_FAILURES = 100
 
 
 @dataclass
@@ -222,6 +232,9 @@ class Server:
         self._plans: SimpleQueue[tuple[Export, int, int] | Any | None] = SimpleQueue()
         self._planner: threading.Thread | None = None
         self._planner_lock = threading.Lock()
+        self._failures: dict[tuple[str, str, str], int] = {}  # (export, path, reason) -> count
+        self._failures_lock = threading.Lock()
+        self._failures_dropped = 0
 
     # ---- startup -------------------------------------------------------------------------------
 
@@ -286,6 +299,29 @@ class Server:
         if self.config.readahead and len(buf):
             self._readahead(export, offset, len(buf))
         export.image.readinto(buf, offset)
+
+    def read_failed(self, export: Export, offset: int, length: int, error: KlosetError) -> str:
+        """Record a failed read; the line to log for it (the whole error the first time)."""
+        path = getattr(error, "path", "")
+        reason = getattr(error, "reason", str(error))
+        key = (export.name, path, reason)
+        with self._failures_lock:
+            count = self._failures.get(key, 0) + 1
+            if count > 1 or len(self._failures) < MAX_FAILURES:
+                self._failures[key] = count
+            else:
+                self._failures_dropped += 1
+        where = f"read {length}@{offset} of export {export.name}"
+        if count == 1:
+            if self.config.stats:  # now, not at disconnect: a failing session reads it before teardown
+                self.write_stats()
+            return f"{where}: {error}"
+        return f"{where}: {path or reason[:120]}: failed again ({count} times)"
+
+    def failures(self) -> list[dict[str, Any]]:
+        with self._failures_lock:
+            items = sorted(self._failures.items())
+        return [{"export": e, "path": p, "reason": r, "count": n} for (e, p, r), n in items]
 
     def _readahead(self, export: Export, offset: int, length: int) -> None:
         end = offset + length
@@ -387,6 +423,10 @@ class Server:
             counters.update(self.store.stats())
         if self.disk is not None:
             counters.update(self.disk.stats.as_dict())
+        failures = self.failures()
+        if failures:
+            counters["read_failures"] = failures
+            counters["read_failures_dropped"] = self._failures_dropped
         return counters
 
     def close(self, export: Export) -> None:

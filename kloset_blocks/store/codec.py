@@ -199,39 +199,120 @@ def unwrap(data: bytes, rtype: int, mac: Mac | None, what: str) -> tuple[int, by
 
 # ---------------------------------------------------------------- keys and MACs (§3)
 
+# CONFIG's Encryption section is read before its MAC can be checked (the MAC is keyed with the key
+# these settings derive), so every field the key derivation and the canary check use is bounded
+# here by what Kloset itself writes (kloset:encryption/symmetric.go NewDefaultKDFParams,
+# NewDefaultConfiguration): at most its defaults' cost, at least what the primitive needs. A
+# damaged byte is then refused at once instead of asking Argon2id for hours or gigabytes.
+DAMAGED_CONFIG = "CONFIG is damaged or from an unknown version"
+SUBKEY_ALGORITHMS = ("AES256-KW", "AES256-GCM")
+DATA_ALGORITHMS = ("AES256-GCM-SIV",)
+KEY_LEN = 32  # the master key is an AES-256 key and a BLAKE3 key
+SALT_LEN = (8, 64)  # Kloset writes 16; Argon2 needs 8
+CANARY_LEN = (60, 1024)  # Kloset writes 100 (AES256-KW) or 120 (AES256-GCM)
+SEGMENT = (1, 65536)  # Encryption.ChunkSize; Kloset writes 65536
+# (field, smallest, largest) per KDF: the largest is Kloset's default (Argon2id Threads excepted:
+# Go's uint8, which costs threads, not time or memory).
+KDF_BOUNDS: dict[str, tuple[str, tuple[tuple[str, int, int], ...]]] = {
+    "ARGON2ID": ("argon2id", (("Time", 1, 4), ("Memory", 8, 256 * 1024), ("Threads", 1, 255))),
+    "SCRYPT": ("scrypt", (("N", 2, 1 << 15), ("R", 1, 8), ("P", 1, 1))),
+    "PBKDF2": ("pbkdf2", (("Iterations", 1, 100_000),)),
+}
+
+
+def _damaged(what: str) -> CorruptionError:
+    return CorruptionError(f"{DAMAGED_CONFIG}: {what}")
+
+
+def _bounded_int(params: Any, name: str, low: int, high: int, where: str) -> int:
+    value = params.get(name) if isinstance(params, dict) else None
+    if type(value) is not int:
+        raise _damaged(f"{where}.{name} is {_show(value)}, not an integer")
+    if not low <= value <= high:
+        writes = f"{low}" if low == high else f"{low} to {high}"
+        raise _damaged(f"{where}.{name} is {value} (Kloset writes {writes})")
+    return value
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def check_kdf_params(kdf_params: Any) -> tuple[str, bytes, dict[str, int]]:
+    """(KDF name, salt, its integer parameters) of a KDFParams map, or CorruptionError naming the
+    first field beyond what Kloset writes."""
+    if not isinstance(kdf_params, dict):
+        raise _damaged(f"KDFParams is {_show(kdf_params)}, not a map")
+    kdf = kdf_params.get("KDF")
+    if kdf not in KDF_BOUNDS:
+        raise _damaged(f"key derivation function {_show(kdf)} (Kloset writes {', '.join(KDF_BOUNDS)})")
+    salt = kdf_params.get("Salt")
+    if not isinstance(salt, bytes) or not SALT_LEN[0] <= len(salt) <= SALT_LEN[1]:
+        size = f"{len(salt)} bytes" if isinstance(salt, bytes) else _show(salt)
+        raise _damaged(f"KDFParams.Salt is {size} (Kloset writes 16 bytes)")
+    section, bounds = KDF_BOUNDS[kdf]
+    params = kdf_params.get(section)
+    if not isinstance(params, dict):
+        raise _damaged(f"KDFParams.{section} is {_show(params)}, not a map")
+    values = {name: _bounded_int(params, name, lo, hi, section) for name, lo, hi in bounds}
+    values["KeyLen"] = _bounded_int(params, "KeyLen", KEY_LEN, KEY_LEN, section)
+    _bounded_int(params, "SaltSize", len(salt), len(salt), section)
+    if kdf == "ARGON2ID" and values["Memory"] < 8 * values["Threads"]:
+        raise _damaged(f"argon2id.Memory {values['Memory']} is below 8 KiB per thread")
+    if kdf == "SCRYPT" and values["N"] & (values["N"] - 1):
+        raise _damaged(f"scrypt.N is {values['N']}, not a power of two")
+    if kdf == "PBKDF2" and params.get("Hashing") != "SHA256":
+        raise _damaged(f"pbkdf2.Hashing is {_show(params.get('Hashing'))} (supported: SHA256)")
+    return kdf, salt, values
+
+
+def check_encryption(encryption: Any) -> tuple[str, bytes]:
+    """(subkey algorithm, canary) of CONFIG's Encryption map once every field used before the
+    MAC check is within bounds (check_kdf_params included)."""
+    if not isinstance(encryption, dict):
+        raise _damaged(f"Encryption is {_show(encryption)}, not a map")
+    subkey = encryption.get("SubKeyAlgorithm")
+    if subkey not in SUBKEY_ALGORITHMS:
+        raise _damaged(f"subkey algorithm {_show(subkey)} (Kloset writes {', '.join(SUBKEY_ALGORITHMS)})")
+    data = encryption.get("DataAlgorithm")
+    if data not in DATA_ALGORITHMS:
+        raise _damaged(f"data encryption {_show(data)} (Kloset writes {', '.join(DATA_ALGORITHMS)})")
+    _bounded_int(encryption, "ChunkSize", *SEGMENT, "Encryption")
+    canary = encryption.get("Canary")
+    if not isinstance(canary, bytes) or not CANARY_LEN[0] <= len(canary) <= CANARY_LEN[1]:
+        size = f"{len(canary)} bytes" if isinstance(canary, bytes) else _show(canary)
+        raise _damaged(f"Encryption.Canary is {size} (Kloset writes 100)")
+    check_kdf_params(encryption.get("KDFParams"))
+    return subkey, canary
+
 
 def derive_key(passphrase: bytes, kdf_params: dict) -> bytes:
-    kdf = kdf_params.get("KDF")
-    salt = kdf_params.get("Salt") or b""
-    if kdf == "ARGON2ID":
-        from argon2.low_level import Type, hash_secret_raw
+    """The master key (§3.3). The parameters are checked first (check_kdf_params): nothing beyond
+    Kloset's own defaults reaches a KDF, and a library's error becomes a CorruptionError."""
+    kdf, salt, p = check_kdf_params(kdf_params)
+    try:
+        if kdf == "ARGON2ID":
+            from argon2.low_level import Type, hash_secret_raw
 
-        p = kdf_params.get("argon2id") or {}
-        return hash_secret_raw(
-            passphrase,
-            salt,
-            time_cost=int(p.get("Time", 4)),
-            memory_cost=int(p.get("Memory", 262144)),
-            parallelism=int(p.get("Threads", 1)),
-            hash_len=int(p.get("KeyLen", 32)),
-            type=Type.ID,
-            version=19,
-        )
-    if kdf == "SCRYPT":
-        p = kdf_params.get("scrypt") or {}
-        n, r, par = int(p.get("N", 32768)), int(p.get("R", 8)), int(p.get("P", 1))
-        return hashlib.scrypt(
-            passphrase, salt=salt, n=n, r=r, p=par, maxmem=256 * r * n * par, dklen=int(p.get("KeyLen", 32))
-        )
-    if kdf == "PBKDF2":
-        p = kdf_params.get("pbkdf2") or {}
-        algo = str(p.get("Hashing", "SHA256")).lower().replace("-", "")
-        if algo not in ("sha256", "sha512", "sha1"):
-            raise StoreError(f"unsupported PBKDF2 hashing {p.get('Hashing')!r}")
-        return hashlib.pbkdf2_hmac(
-            algo, passphrase, salt, int(p.get("Iterations", 100000)), int(p.get("KeyLen", 32))
-        )
-    raise StoreError(f"unsupported key derivation function {kdf!r} (supported: ARGON2ID, SCRYPT, PBKDF2)")
+            return hash_secret_raw(
+                passphrase,
+                salt,
+                time_cost=p["Time"],
+                memory_cost=p["Memory"],
+                parallelism=p["Threads"],
+                hash_len=p["KeyLen"],
+                type=Type.ID,
+                version=19,
+            )
+        if kdf == "SCRYPT":
+            n, r, par = p["N"], p["R"], p["P"]
+            return hashlib.scrypt(
+                passphrase, salt=salt, n=n, r=r, p=par, maxmem=256 * r * n * par, dklen=p["KeyLen"]
+            )
+        return hashlib.pbkdf2_hmac("sha256", passphrase, salt, p["Iterations"], p["KeyLen"])
+    except Exception as e:  # argon2.exceptions.HashingError, ValueError, MemoryError from hashlib
+        raise _damaged(f"{kdf} key derivation failed: {_short(e)}") from None
 
 
 def config_mac(key: bytes | None) -> Mac:
@@ -313,6 +394,8 @@ def make_canary(key: bytes, subkey_algorithm: str = "AES256-KW", segment: int = 
 def verify_canary(
     key: bytes, canary: bytes, subkey_algorithm: str = "AES256-KW", segment: int = 65536
 ) -> bool:
+    if subkey_algorithm not in _SUBKEY_PREFIX:
+        return False
     try:
         _decrypt(key, canary, subkey_algorithm, segment)
     except _crypto().errors:

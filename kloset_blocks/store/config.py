@@ -3,6 +3,11 @@
 # 256 MiB) and check the canary, then check the CONFIG trailer (BLAKE3, keyed with the master
 # key when encrypted, unkeyed otherwise) before trusting any field.
 #
+# Damaged input costs little: a plaintext CONFIG's unkeyed MAC is checked before any field is
+# believed; an encrypted one's settings are used before its MAC can be checked, so everything the
+# derivation and the canary use is bounded first (codec.check_encryption: at most Kloset's own
+# defaults), and anything beyond is "CONFIG is damaged or from an unknown version: ...".
+#
 # The secret comes as a parameter: the passphrase (or a callable giving it, called only if the store
 # is encrypted), or a key already derived (the CLI derives it once and hands it to the nbdkit it
 # starts, so that Argon2id does not run twice). A key is checked against the canary like a
@@ -18,6 +23,7 @@ from kloset_blocks.store import codec as c
 from kloset_blocks.store.passphrase import Secret
 
 CONFIG_VERSION = c.pack_version(1, 0, 0)
+MAX_CONFIG = 64 << 10  # Kloset's is under 1 KiB; a foreign file is not read whole
 
 
 @dataclass(frozen=True)
@@ -34,11 +40,14 @@ def read_config_file(root: str, display: str) -> bytes:
     path = os.path.join(root, "CONFIG")
     try:
         with open(path, "rb") as f:
-            return f.read()
+            raw = f.read(MAX_CONFIG + 1)
     except FileNotFoundError:
         raise StoreError(f"not a kloset store: {display} (no CONFIG file)") from None
     except OSError as e:
         raise StoreError(f"cannot read {path}: {e.strerror}") from None
+    if len(raw) > MAX_CONFIG:
+        raise CorruptionError(f"{c.DAMAGED_CONFIG}: {path} is larger than {MAX_CONFIG} bytes")
+    return raw
 
 
 def load_config(root: str, display: str, passphrase: Secret | None, key: bytes | None = None) -> StoreConfig:
@@ -49,23 +58,32 @@ def load_config(root: str, display: str, passphrase: Secret | None, key: bytes |
         raise UnsupportedVersion(
             f"unsupported store version {c.version_str(version)} (this reader supports 1.0.0): {display}"
         )
+    # A plaintext CONFIG is covered by an unkeyed MAC: check it before believing any field (a
+    # damaged byte could otherwise make it claim an Encryption section).
+    plain_intact = c.config_mac(None)(raw[: -c.TRAILER_SIZE]) == raw[-c.TRAILER_SIZE :]
     try:
         config = c.unpack(payload)
     except Exception:
-        raise CorruptionError(f"{path}: cannot decode the configuration (damaged file)") from None
+        raise CorruptionError(f"{c.DAMAGED_CONFIG}: {path}: cannot decode the configuration") from None
     if not isinstance(config, dict):
-        raise CorruptionError(f"{path}: configuration is not a map (damaged file)")
+        raise CorruptionError(f"{c.DAMAGED_CONFIG}: {path}: the configuration is not a map")
     encryption = config.get("Encryption")
+    if encryption is None and not plain_intact:
+        raise CorruptionError(f"{path}: MAC mismatch (file damaged or wrong key)")
     if encryption is not None:
-        if not isinstance(encryption, dict) or not isinstance(encryption.get("KDFParams"), dict):
-            raise CorruptionError(f"{path}: bad Encryption section (damaged file)")
-        subkey = encryption.get("SubKeyAlgorithm") or "AES256-KW"
-        canary = bytes(encryption.get("Canary") or b"")
+        try:
+            subkey, canary = c.check_encryption(encryption)
+        except CorruptionError as e:
+            raise CorruptionError(f"{e}: {path}") from None
         if key is not None:
             if len(key) != 32 or not c.verify_canary(key, canary, subkey):
                 raise PassphraseError(f"the key given does not open store {display}")
         else:
-            key = c.derive_key(_passphrase_bytes(passphrase, display), encryption["KDFParams"])
+            secret = _passphrase_bytes(passphrase, display)
+            try:
+                key = c.derive_key(secret, encryption["KDFParams"])
+            except CorruptionError as e:
+                raise CorruptionError(f"{e}: {path}") from None
             if not c.verify_canary(key, canary, subkey):
                 raise PassphraseError(f"wrong passphrase for store {display}")
     else:

@@ -104,7 +104,9 @@ class Packfiles:
     def locate(self, rtype: int, mac: bytes) -> list[Location]:
         locs = self.index.locations(rtype, mac)
         if not locs:
-            raise CorruptionError(f"missing {c.rt_name(rtype)} blob {mac.hex()}: not in any live packfile")
+            note = self.index.damage_note()
+            what = f"{c.rt_name(rtype)} blob {mac.hex()}"
+            raise CorruptionError(f"missing {what}: not in any live packfile{note}")
         newer = self.index.blob_version(rtype, mac)
         if newer is not None:
             raise UnsupportedVersion(

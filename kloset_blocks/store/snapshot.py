@@ -12,9 +12,18 @@
 # - SnapshotFile keeps only the chunk MACs and prefix sums (memory ~ chunks), loads its Object
 #   lazily on first read (nodes() over 1M files does no Object fetch), and reads only the chunks
 #   overlapping a range, through `snapshot.fetch_chunk` so that a cache can be plugged in.
+# - Damage costs only what it touches. A read that fails raises FileDamaged naming the snapshot
+#   path. walk() and listdir() never fail for one entry: an entry that cannot be read or decoded
+#   comes back as a placeholder with `damage` set (the B+tree key still gives its path): a
+#   directory (0700) when the tree has paths below it, so that they are still served, else a
+#   regular file of DAMAGED_SIZE bytes whose every read fails (UnreadableFile). The image thus
+#   serves such a file's blocks as EIO instead of leaving it out: a missing or empty file would
+#   read as a short relation to Postgres (a silently wrong answer), an unreadable one is an error.
+#   DAMAGED_SIZE is one Postgres page, so that the file holds at least one block to fail on.
 from __future__ import annotations
 
 import bisect
+import itertools
 import posixpath
 import stat
 import threading
@@ -26,7 +35,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from kloset_blocks.errors import CorruptionError, KlosetError, NotFound
+from kloset_blocks.errors import CorruptionError, FileDamaged, KlosetError, NotFound
 from kloset_blocks.store import codec as c
 from kloset_blocks.store.btree import BTree, to_bytes
 from kloset_blocks.store.gomode import MODE_SYMLINK, go_mode_to_st_mode
@@ -36,6 +45,7 @@ if TYPE_CHECKING:
     from kloset_blocks.store.store import Store
 
 ENTRY_BATCH = 1024
+DAMAGED_SIZE = 8192
 TAR_IMPORTERS = ("tar", "tar+gz", "tgz")
 
 
@@ -119,6 +129,7 @@ class Entry:
     object: bytes | None
     content_type: str
     chunks: int | None
+    damage: str | None = None  # why the entry could not be read (a placeholder, see the top)
 
     @property
     def is_dir(self) -> bool:
@@ -187,7 +198,12 @@ class SnapshotFile:
         with self._lock:
             if self._macs is not None:
                 return
-            macs, offsets = self.snapshot.chunk_list(self.entry)
+            try:
+                macs, offsets = self.snapshot.chunk_list(self.entry)
+            except FileDamaged:
+                raise
+            except KlosetError as e:
+                raise FileDamaged(_show(self.path), str(e)) from None
             self._offsets = offsets
             self._macs = macs
 
@@ -222,13 +238,16 @@ class SnapshotFile:
             i += 1
 
     def chunk(self, index: int) -> c.Buffer:
-        """The decoded chunk `index`, length-checked."""
-        data = self.snapshot.fetch_chunk(self.macs[index])
+        """The decoded chunk `index`, length-checked (FileDamaged otherwise)."""
+        mac = self.macs[index]
+        try:
+            data = self.snapshot.fetch_chunk(mac)
+        except KlosetError as e:
+            raise FileDamaged(_show(self.path), f"chunk {index}: {e}") from None
         want = self.offsets[index + 1] - self.offsets[index]
         if len(data) != want:
-            raise CorruptionError(
-                f"{self.path.decode(errors='replace')}: chunk {index} ({self.macs[index].hex()}) has"
-                f" {len(data)} bytes, object says {want}"
+            raise FileDamaged(
+                _show(self.path), f"chunk {index} ({mac.hex()}) has {len(data)} bytes, object says {want}"
             )
         return data
 
@@ -276,6 +295,25 @@ class SnapshotFile:
             pos += n
 
 
+class UnreadableFile:
+    """FileData of a file whose entry cannot be read: every read fails, saying why."""
+
+    def __init__(self, path: bytes, why: str, size: int = DAMAGED_SIZE) -> None:
+        self.path = path
+        self.why = why
+        self.size = size
+
+    def read(self, offset: int, length: int) -> bytes:
+        raise FileDamaged(_show(self.path), f"entry cannot be read: {self.why}")
+
+    def readinto(self, offset: int, out: memoryview) -> None:
+        self.read(offset, len(out))
+
+
+def _show(path: bytes) -> str:
+    return path.decode(errors="replace")
+
+
 class Snapshot:
     def __init__(self, store: Store, info: SnapshotInfo) -> None:
         self.store = store
@@ -317,8 +355,7 @@ class Snapshot:
                 break
             keys.append(k)
             macs.append(bytes(v))
-        recs = self.store.read_records(c.RT_VFS_ENTRY, macs)
-        return [(k[len(prefix) :], Entry.decode(k, m, r)) for k, m, r in zip(keys, macs, recs, strict=True)]
+        return [(k[len(prefix) :], e) for k, e in self._resolve(list(zip(keys, macs, strict=True)))]
 
     def walk(self, root: bytes | str = b"/") -> Iterator[tuple[bytes, Entry]]:
         """(path, entry) of `root` and everything below it, in PathCmp order (by depth, then bytes)."""
@@ -335,9 +372,53 @@ class Snapshot:
         yield from self._resolve(batch)
 
     def _resolve(self, batch: list[tuple[bytes, bytes]]) -> Iterator[tuple[bytes, Entry]]:
-        recs = self.store.read_records(c.RT_VFS_ENTRY, [m for _, m in batch])
-        for (k, m), r in zip(batch, recs, strict=True):
-            yield k, Entry.decode(k, m, r)
+        """The entries of (path, mac) pairs, read in coalesced batches; one that cannot be read
+        is a placeholder (damaged_entry), read again alone to tell it from its neighbours."""
+        try:
+            recs: list[Any] | None = self.store.read_records(c.RT_VFS_ENTRY, [m for _, m in batch])
+        except KlosetError:
+            recs = None
+        for i, (k, m) in enumerate(batch):
+            try:
+                rec = recs[i] if recs is not None else self.store.read_record(c.RT_VFS_ENTRY, m)
+                entry = Entry.decode(k, m, rec)
+            except KlosetError as e:
+                entry = self.damaged_entry(k, m, str(e))
+            yield k, entry
+
+    def damaged_entry(self, path: bytes, mac: bytes, why: str) -> Entry:
+        """The placeholder of an entry that cannot be read (see the module comment)."""
+        prefix = b"/" if path == b"/" else path + b"/"
+        try:
+            has_children = any(
+                k.startswith(prefix) for k, _ in itertools.islice(self.vfs.scan_from(prefix), 1)
+            )
+        except KlosetError:
+            has_children = False
+        mode, size = (
+            (stat.S_IFDIR | 0o700, 0)
+            if has_children or path == b"/"
+            else (stat.S_IFREG | 0o600, DAMAGED_SIZE)
+        )
+        return Entry(
+            path=path,
+            name=posixpath.basename(path) or b"/",
+            mac=mac,
+            go_mode=0,
+            st_mode=mode,
+            size=size,
+            uid=0,
+            gid=0,
+            mtime_ns=0,
+            nlink=1,
+            username="",
+            groupname="",
+            symlink_target=None,
+            object=None,
+            content_type="",
+            chunks=None,
+            damage=why,
+        )
 
     # ------------------------------------------------------------ files
 
@@ -387,7 +468,9 @@ class Snapshot:
         )
         if entry.is_reg:
             node.size = entry.size
-            node.data = SnapshotFile(self, entry)
+            node.data = (
+                UnreadableFile(entry.path, entry.damage) if entry.damage else SnapshotFile(self, entry)
+            )
         elif entry.is_symlink:
             node.symlink_target = entry.symlink_target or b""
             node.size = len(node.symlink_target)

@@ -10,6 +10,10 @@
 #   100-200 bytes per blob; a blob stored in several packfiles keeps the others in `_more`.
 # - Immutable after build(): lookups from many threads need no lock.
 # - Unknown entry types are skipped by length; known types must have their fixed length.
+# - A state that cannot be read (damaged, foreign, truncated, of a newer version) is left out and
+#   recorded in `damaged`: only the blobs it alone locates go missing, so only the snapshots that
+#   need them fail (their errors say the store has damaged states), and the others are served.
+#   A DELETE or colouring lost with it may bring back a deleted snapshot, still MAC-checked.
 from __future__ import annotations
 
 import os
@@ -17,7 +21,7 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from kloset_blocks.errors import CorruptionError, UnsupportedVersion
+from kloset_blocks.errors import CorruptionError, KlosetError, UnsupportedVersion
 from kloset_blocks.store import codec as c
 
 STATE_VERSION_MAX = c.pack_version(1, 1, 0)
@@ -104,15 +108,26 @@ class LocationIndex:
         self._snapshot_macs: set[bytes] = set()
         self._live: frozenset[int] = frozenset()
         self.states: list[bytes] = []
+        self.damaged: list[tuple[str, str]] = []  # (path, why) of states left out
+
+    def damage_note(self) -> str:
+        """What to add to an error about a missing blob or snapshot when states were left out."""
+        if not self.damaged:
+            return ""
+        more = f"; and {len(self.damaged) - 1} more damaged states" if len(self.damaged) > 1 else ""
+        return f" (the store is damaged: {self.damaged[0][1]}{more})"
 
     # ------------------------------------------------------------ building
 
     @classmethod
     def build(cls, root: str, codec: c.Codec) -> LocationIndex:
         index = cls()
-        states = [
-            _read_state(ident, path, codec) for ident, path in list_bucketed(os.path.join(root, "states"))
-        ]
+        states = []
+        for ident, path in list_bucketed(os.path.join(root, "states")):
+            try:
+                states.append(_read_state(ident, path, codec))
+            except KlosetError as e:
+                index.damaged.append((path, str(e)))
         for state in _topo_order(states):
             index._apply(state)
             index.states.append(state.ident)

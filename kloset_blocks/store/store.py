@@ -7,6 +7,8 @@
 # - Thread-safe (nbdkit PARALLEL): the index and codec are immutable after open; packfile reads
 #   are os.pread; the small caches (snapshot headers, B-tree nodes) are guarded by a lock.
 # - Every failure is a KlosetError subclass with a one-line message naming the file or blob.
+# - Damage costs what it touches: a state that cannot be read is left out of the index (state.py),
+#   a snapshot whose header cannot be read is left out of snapshots(); problems() lists both.
 from __future__ import annotations
 
 import contextlib
@@ -18,7 +20,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from kloset_blocks.errors import AmbiguousSnapshot, CorruptionError, NotFound
+from kloset_blocks.errors import AmbiguousSnapshot, CorruptionError, KlosetError, NotFound
 from kloset_blocks.store import codec as c
 from kloset_blocks.store.btree import BNode
 from kloset_blocks.store.config import StoreConfig, load_config
@@ -40,12 +42,13 @@ def _raise_fd_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
-def match_prefix(ids: Sequence[bytes], prefix: str) -> bytes:
-    """The one id whose hex starts with `prefix` (NotFound / AmbiguousSnapshot otherwise)."""
+def match_prefix(ids: Sequence[bytes], prefix: str, note: str = "") -> bytes:
+    """The one id whose hex starts with `prefix` (NotFound / AmbiguousSnapshot otherwise; `note`
+    is added to NotFound's message)."""
     p = prefix.lower()
     hits = [i for i in ids if i.hex().startswith(p)]
     if not hits:
-        raise NotFound(f"no snapshot has prefix '{prefix}'")
+        raise NotFound(f"no snapshot has prefix '{prefix}'{note}")
     if len(hits) > 1:
         width = max(8, len(p) + 4)
         shown = ", ".join(h.hex()[:width] for h in sorted(hits)[:5])
@@ -66,6 +69,7 @@ class Store:
         self.packfiles = Packfiles(root, cfg.codec, self.index)
         self._lock = threading.Lock()
         self._infos: dict[bytes, SnapshotInfo] = {}
+        self._unreadable: dict[bytes, str] = {}
         self._nodes: OrderedDict[tuple[int, bytes], BNode] = OrderedDict()
         self._executor: ThreadPoolExecutor | None = None
 
@@ -163,17 +167,33 @@ class Store:
         return info
 
     def snapshots(self) -> list[SnapshotInfo]:
-        """Live snapshots, oldest first (by header timestamp, then id)."""
-        return sorted((self._info(i) for i in self.index.snapshot_ids()), key=lambda s: (s.timestamp, s.id))
+        """Live snapshots whose header can be read, oldest first (by header timestamp, then id);
+        the others are in problems()."""
+        infos = []
+        for ident in self.index.snapshot_ids():
+            try:
+                infos.append(self._info(ident))
+            except KlosetError as e:
+                with self._lock:
+                    self._unreadable[ident] = str(e)
+        return sorted(infos, key=lambda s: (s.timestamp, s.id))
+
+    def problems(self) -> list[str]:
+        """One line per damage found so far that hides snapshots: states left out of the index,
+        snapshot headers that cannot be read (after snapshots())."""
+        lines = [f"damaged state left out: {why}" for _, why in self.index.damaged]
+        with self._lock:
+            unreadable = sorted(self._unreadable.items())
+        return lines + [f"snapshot {i.hex()} cannot be read: {why}" for i, why in unreadable]
 
     def find_snapshot(self, prefix: str = "") -> SnapshotInfo:
         """By hex id prefix; "" or "latest" is the newest snapshot."""
         if prefix in ("", "latest"):
             infos = self.snapshots()
             if not infos:
-                raise NotFound(f"store {self.location} has no snapshot")
+                raise NotFound(f"store {self.location} has no snapshot{self.index.damage_note()}")
             return infos[-1]
-        return self._info(match_prefix(self.index.snapshot_ids(), prefix))
+        return self._info(match_prefix(self.index.snapshot_ids(), prefix, self.index.damage_note()))
 
     def open_snapshot(self, prefix: str = "") -> Snapshot:
         return Snapshot(self, self.find_snapshot(prefix))

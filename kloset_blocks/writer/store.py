@@ -37,7 +37,7 @@ from typing import BinaryIO
 from msgpack import Timestamp
 
 from kloset_blocks import __version__
-from kloset_blocks.errors import KlosetError, PassphraseError, StoreError, UsageError
+from kloset_blocks.errors import CorruptionError, KlosetError, PassphraseError, StoreError, UsageError
 from kloset_blocks.store import codec as C
 from kloset_blocks.store.codec import Codec
 from kloset_blocks.store.config import CONFIG_VERSION
@@ -142,6 +142,10 @@ def _new_config(
             "KeyLen": 32,
         },
     }
+    try:
+        C.check_kdf_params(kdf)  # a reader refuses beyond Kloset's defaults: so does the writer
+    except CorruptionError as e:
+        raise UsageError(f"key derivation settings beyond Kloset's: {str(e).split(': ', 1)[1]}") from None
     key = C.derive_key(passphrase, kdf)
     config["Encryption"] = {
         "SubKeyAlgorithm": "AES256-KW",
