@@ -175,13 +175,17 @@ def store_is_encrypted(store: str) -> bool:
     """Whether CONFIG has an Encryption section (read without its MAC, which needs the key). Any
     problem answers False: open_store then reports it in its own words, before any prompt."""
     from kloset_blocks.store import codec as c
+    from kloset_blocks.store.backend import open_backend
     from kloset_blocks.store.config import read_config_file
     from kloset_blocks.store.location import parse_location
 
     try:
-        root = parse_location(store)
-        raw = read_config_file(root, store)
-        _, payload = c.unwrap(raw, c.RT_CONFIG, None, os.path.join(root, "CONFIG"))
+        backend = open_backend(parse_location(store))
+        try:
+            raw = read_config_file(backend)
+            _, payload = c.unwrap(raw, c.RT_CONFIG, None, backend.describe("CONFIG"))
+        finally:
+            backend.close()
         config = c.unpack(payload)
     except Exception:
         return False
