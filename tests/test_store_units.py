@@ -132,7 +132,17 @@ def test_parse_remote_location(location: str, fields: tuple) -> None:
 
 @pytest.mark.parametrize(
     "location",
-    ["s3:b", "s3://host", "s3://host:99999/b", "sftp://h", "sftp://h/", "ftp://h/x", "ptar:/x", "/x/y.ptar", ""],
+    [
+        "s3:b",
+        "s3://host",
+        "s3://host:99999/b",
+        "sftp://h",
+        "sftp://h/",
+        "ftp://h/x",
+        "ptar:/x",
+        "/x/y.ptar",
+        "",
+    ],
 )
 def test_parse_location_refuses(location: str) -> None:
     with pytest.raises(StoreError):

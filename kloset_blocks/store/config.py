@@ -37,7 +37,9 @@ def read_config_file(backend: Backend | str, display: str | None = None) -> byte
     try:
         return backend.read("CONFIG")
     except FileNotFoundError:
-        raise StoreError(f"not a kloset store: {display or backend.location.display} (no CONFIG file)") from None
+        raise StoreError(
+            f"not a kloset store: {display or backend.location.display} (no CONFIG file)"
+        ) from None
 
 
 def load_config(backend: Backend | str, display: str, passphrase: str | None) -> StoreConfig:

@@ -1,7 +1,7 @@
 # Options of remote store backends, named as plakar names them: for s3 `access_key`,
 # `secret_access_key`, `use_tls` (default true), `tls_insecure_no_verify`, `region`; for sftp
-# `identity` (a private key file) and `insecure_ignore_host_key`; for both `timeout` (seconds per
-# request) and `retries`.
+# `identity` (a private key file), `insecure_ignore_host_key` and `known_hosts` (a file read besides
+# ~/.ssh/known_hosts); for both `timeout` (seconds per request) and `retries`.
 #
 # Where they come from, first wins: the store config file (`--store-config FILE`, key=value lines,
 # `#` comments), whose path travels in $KLOSET_BLOCKS_STORE_CONFIG so that the nbdkit started for a
@@ -21,8 +21,16 @@ from kloset_blocks.errors import StoreError
 
 CONFIG_ENV = "KLOSET_BLOCKS_STORE_CONFIG"
 KNOWN = {
-    "s3": {"access_key", "secret_access_key", "use_tls", "tls_insecure_no_verify", "region", "timeout", "retries"},
-    "sftp": {"identity", "insecure_ignore_host_key", "timeout", "retries"},
+    "s3": {
+        "access_key",
+        "secret_access_key",
+        "use_tls",
+        "tls_insecure_no_verify",
+        "region",
+        "timeout",
+        "retries",
+    },
+    "sftp": {"identity", "insecure_ignore_host_key", "known_hosts", "timeout", "retries"},
 }
 _AWS_ENV = (
     ("access_key", "AWS_ACCESS_KEY_ID"),
@@ -53,6 +61,12 @@ def read_config_file(path: str) -> dict[str, str]:
             raise StoreError(f"store config {path}, line {n}: expected key=value")
         out[key.strip().lower()] = value.strip()
     return out
+
+
+def use_config_file(path: str) -> None:
+    """Make `path` the store config file of this process and the nbdkit it starts."""
+    read_config_file(path)  # a missing or malformed file fails now, in the caller's words
+    os.environ[CONFIG_ENV] = os.path.abspath(path)
 
 
 def store_options(scheme: str) -> dict[str, str]:

@@ -1,6 +1,7 @@
-# The location index rebuilt from `states/` alone (§6), read through the store's Backend: every state file is checked (wrapper
-# type, version <= 1.1.0, trailer MAC), decoded, ordered topologically by parent and applied in
-# that order, so DELETE entries undo exactly what came before them. ALL states are merged: each
+# The location index rebuilt from `states/` alone (§6), read through the store's Backend
+# (fetched in parallel from a remote one): every state file is checked (wrapper type, version
+# <= 1.1.0, trailer MAC), decoded, ordered topologically by parent and applied in that order, so
+# DELETE entries undo exactly what came before them. ALL states are merged: each
 # backup writes its own state listing only the blobs it added (§17.9).
 #
 # Invariants:

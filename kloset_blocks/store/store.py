@@ -81,7 +81,9 @@ class Store:
         with self._lock:
             if self._executor is None:
                 workers = self.backend.parallelism if self.remote else min(8, os.cpu_count() or 2)
-                self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kloset-readahead")
+                self._executor = ThreadPoolExecutor(
+                    max_workers=workers, thread_name_prefix="kloset-readahead"
+                )
             return self._executor
 
     def close(self) -> None:
