@@ -33,6 +33,8 @@ def remote_workdir(loc: StoreLocation) -> Iterator[str]:
         try:
             _save(tmp, "CONFIG", backend.read("CONFIG"))
             existing.add("CONFIG")
+            for kind in ("packfiles", "states"):  # the writer expects the layout's directories
+                os.makedirs(os.path.join(tmp, kind), exist_ok=True)
         except FileNotFoundError:
             pass
         for key in existing:
