@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import ipaddress
 import json
 import signal
@@ -67,10 +68,8 @@ async def pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, link:
         pass
     finally:
         await queue.put((time.monotonic() + link.delay, b""))
-        try:
+        with contextlib.suppress(ConnectionError):
             await sender
-        except ConnectionError:
-            pass
 
 
 class Proxy:

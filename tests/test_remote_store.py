@@ -82,7 +82,11 @@ def _tree(location: str) -> dict[str, object]:
                     files[key] = snap.open_file(path).macs
         distinct = sorted({m for macs in files.values() for m in macs})
         digests = dict(
-            zip(distinct, st.executor.map(lambda m: hashlib.sha256(st.read_chunk(m)).hexdigest(), distinct))
+            zip(
+                distinct,
+                st.executor.map(lambda m: hashlib.sha256(st.read_chunk(m)).hexdigest(), distinct),
+                strict=False,
+            )
         )
         for key, macs in files.items():
             out[key + "#content"] = [digests[m] for m in macs]
