@@ -36,16 +36,19 @@ import nbd
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from kloset_blocks import pg  # noqa: E402
-from kloset_blocks.attach import teardown_run_dir  # noqa: E402
-from kloset_blocks.commands.run import pg_session  # noqa: E402
-from kloset_blocks.export import ImageOptions, snapshot_image  # noqa: E402
-from kloset_blocks.ext4.layout import ZERO  # noqa: E402
-from kloset_blocks.fuse.chain import FuseChain, expose_argv  # noqa: E402
-from kloset_blocks.fuse.mount import STATE_MOUNT, STATE_PROC  # noqa: E402
-from kloset_blocks.runtime import Progress, RunDir, proc_record  # noqa: E402
-from kloset_blocks.serve import nbdkit_argv  # noqa: E402
-from kloset_blocks.store import open_store  # noqa: E402
+from kloset_blocks.app.sessions import pg_session
+
+from kloset_blocks import postgres
+from kloset_blocks.ext4.layout import ZERO
+from kloset_blocks.fuse.chain import FuseChain, expose_argv
+from kloset_blocks.fuse.mount import STATE_MOUNT, STATE_PROC
+from kloset_blocks.host.procs import proc_record
+from kloset_blocks.host.progress import Progress
+from kloset_blocks.host.rundir import RunDir
+from kloset_blocks.host.teardown import teardown_run_dir
+from kloset_blocks.image.snapshot import ImageOptions, snapshot_image
+from kloset_blocks.serving.nbdkit import nbdkit_argv
+from kloset_blocks.store import open_store
 
 PYTHON = sys.executable
 PLUGIN = REPO / "nbdplugin" / "kloset.py"
@@ -226,7 +229,7 @@ def du(path: Path) -> tuple[int, int]:
     return apparent, allocated
 
 
-def run_queries(server: pg.Server, t_launch: float) -> dict[str, float]:
+def run_queries(server: postgres.Server, t_launch: float) -> dict[str, float]:
     times = {}
     for name, sql in QUERIES:
         t0 = time.monotonic()
@@ -237,13 +240,13 @@ def run_queries(server: pg.Server, t_launch: float) -> dict[str, float]:
     return times
 
 
-def start_pg(run: RunDir, root: Path, settings: tuple[str, ...] = ()) -> pg.Server:
-    cluster = pg.locate(root)
-    uid, gid = pg.pg_ids()
-    pg.ensure_traversable(root, cluster.datadir, uid)
-    pg.fix_ownership(cluster.datadir, uid, gid)
-    pg.prepare_datadir(cluster.datadir, Progress(quiet=True))
-    server = pg.Server(run, cluster, settings=settings)
+def start_pg(run: RunDir, root: Path, settings: tuple[str, ...] = ()) -> postgres.Server:
+    cluster = postgres.locate(root)
+    uid, gid = postgres.pg_ids()
+    postgres.ensure_traversable(root, cluster.datadir, uid)
+    postgres.fix_ownership(cluster.datadir, uid, gid)
+    postgres.prepare_datadir(cluster.datadir, Progress(quiet=True))
+    server = postgres.Server(run, cluster, settings=settings)
     server.start()
     return server
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 # Benchmarks of the nbdkit plugin (issue 5), every comparison measured side by side in one run,
-# each for nbdkit as `kloset-blocks` runs it (--threads=2, serve.NBDKIT_THREADS) and with nbdkit's
+# each for nbdkit as `kloset-blocks` runs it (--threads=2, serving.nbdkit.NBDKIT_THREADS) and with nbdkit's
 # default of 16 threads a connection:
 #
 # 1. sequential read, warm decoded-chunk cache: `nbdcopy --request-size=256K URI null:` against the
@@ -37,10 +37,10 @@ import nbd
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from kloset_blocks.export import chunk_macs  # noqa: E402
-from kloset_blocks.nbdserver import Server  # noqa: E402
-from kloset_blocks.serve import NBDKIT_THREADS  # noqa: E402
-from kloset_blocks.store import codec as c  # noqa: E402
+from kloset_blocks.image.snapshot import chunk_macs
+from kloset_blocks.serving.nbdkit import NBDKIT_THREADS
+from kloset_blocks.serving.server import Server
+from kloset_blocks.store import codec as c
 
 PLUGIN = str(REPO / "nbdplugin" / "kloset.py")
 PASSPHRASE = "bench-passphrase"
@@ -80,7 +80,7 @@ def make_source(root: Path, random_mib: int, pages_mib: int, seed: int = 7) -> N
 
 def make_stores(work: Path, random_mib: int, pages_mib: int) -> dict[str, tuple[Path, str]]:
     """{name: (store dir, snapshot id)}, written once and reused."""
-    from kloset_blocks.store.writer import write_store
+    from kloset_blocks.writer.store import write_store
 
     marker = work / f"stores-{random_mib}-{pages_mib}.json"
     if marker.exists():

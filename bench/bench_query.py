@@ -1,6 +1,6 @@
 # Benchmark of `kloset-blocks query` across snapshots (issue 8): "which backup still has my row?"
 #
-# Setup: a throwaway pgbench cluster (kloset_blocks.sample, scale --scale), five
+# Setup: a throwaway pgbench cluster (kloset_blocks.demo.sample, scale --scale), five
 # `pg_basebackup -F tar -X fetch -c fast` backups with changes between them (pgbench TPC-B
 # transactions, and the watched row updated, then deleted), written into one plaintext LZ4 store
 # (write_store, then add_snapshot). The cluster is gone before any measurement.
@@ -32,12 +32,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from kloset_blocks import pg, sample  # noqa: E402
-from kloset_blocks.attach import teardown_run_dir  # noqa: E402
-from kloset_blocks.runtime import RUN_ROOT_ENV, Progress, RunDir  # noqa: E402
-from kloset_blocks.store import open_store  # noqa: E402
-from kloset_blocks.store.writer import add_snapshot, write_store  # noqa: E402
-from kloset_blocks.units import format_size  # noqa: E402
+from kloset_blocks import postgres
+from kloset_blocks.demo import sample
+from kloset_blocks.host.progress import Progress
+from kloset_blocks.host.rundir import RUN_ROOT_ENV, RunDir
+from kloset_blocks.host.teardown import teardown_run_dir
+from kloset_blocks.store import open_store
+from kloset_blocks.units import format_size
+from kloset_blocks.writer.store import add_snapshot, write_store
 
 WATCHED = 4242
 SQL = f"select aid, bid, abalance from pgbench_accounts where aid = {WATCHED}"
@@ -132,12 +134,12 @@ def run_restores(s: Setup, work: Path) -> tuple[float, int, list[float]]:
         )  # fmt: skip
         run = None
         try:
-            cluster = pg.locate(dest)
-            uid, gid = pg.pg_ids()
-            pg.fix_ownership(cluster.datadir, uid, gid)
-            pg.prepare_datadir(cluster.datadir, Progress(quiet=True))
+            cluster = postgres.locate(dest)
+            uid, gid = postgres.pg_ids()
+            postgres.fix_ownership(cluster.datadir, uid, gid)
+            postgres.prepare_datadir(cluster.datadir, Progress(quiet=True))
             run = RunDir.create(work / "runs")
-            server = pg.Server(run, cluster, read_only=True, progress=Progress(quiet=True))
+            server = postgres.Server(run, cluster, read_only=True, progress=Progress(quiet=True))
             server.start()
             out = server.query(
                 f"select coalesce(json_agg(json_build_array(aid::text, bid::text, abalance::text)), '[]') "

@@ -1,7 +1,7 @@
 # THE end-to-end benchmark: time to the first answer of a point query on a PostgreSQL backup, and the
 # bytes each way costs, for three ways of getting there, side by side on the same snapshots:
 #
-# - ours: `serve.prepare` (open the store, check the snapshot) + nbdkit with the real plugin (fresh
+# - ours: `app.check.prepare` (open the store, check the snapshot) + nbdkit with the real plugin (fresh
 #   process each run, so an empty chunk cache) + qcow2 overlay + attach + mount + Postgres recovery +
 #   the query, i.e. what `kloset-blocks psql` does (`pg_session`, in-process); bytes read from the
 #   store's packfiles come from the plugin's `stats=` counters; overlay size after the query.
@@ -15,7 +15,7 @@
 # - restore: `kloset-blocks restore` of the snapshot into a fresh directory, chown to postgres, the
 #   same Postgres start (recovery) and query; bytes written = allocated size of the directory after.
 #
-# For each pgbench scale: a throwaway cluster (kloset_blocks.sample), `pg_basebackup -F tar -X fetch`,
+# For each pgbench scale: a throwaway cluster (kloset_blocks.demo.sample), `pg_basebackup -F tar -X fetch`,
 # written into a plaintext LZ4 store by the project's writer and into the ext4 stand-in image; the
 # cluster is gone before any measurement. Then N rounds; each round runs every variant once, first
 # with the OS page cache dropped (sync; echo 3 > /proc/sys/vm/drop_caches) before each run, then
@@ -46,11 +46,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kloset_blocks import pg, serve
-from kloset_blocks import sample as pc
-from kloset_blocks.attach import teardown_run_dir
-from kloset_blocks.commands.run import pg_session
-from kloset_blocks.runtime import Progress, RunDir
+from kloset_blocks.app.sessions import pg_session
+
+from kloset_blocks import postgres
+from kloset_blocks.app.check import prepare
+from kloset_blocks.demo import sample as pc
+from kloset_blocks.host.progress import Progress
+from kloset_blocks.host.rundir import RunDir
+from kloset_blocks.host.teardown import teardown_run_dir
 
 MiB = 1 << 20
 REPO = Path(__file__).resolve().parent.parent
@@ -114,7 +117,7 @@ def check(answer: str, b: Backup, what: str) -> None:
 
 def build(scale: int, work: Path) -> Backup:
     from kloset_blocks.store import open_store
-    from kloset_blocks.store.writer import write_store
+    from kloset_blocks.writer.store import write_store
 
     t0 = time.monotonic()
     cluster = pc.make_cluster(scale=scale)
@@ -160,7 +163,7 @@ def run_ours(b: Backup, work: Path, extra: tuple[str, ...] = (), kept: bool = Fa
     stats.unlink(missing_ok=True)
     progress = Progress(quiet=True)
     t0 = time.monotonic()
-    served = serve.prepare(f"fs:{b.store}", b.snap, pgdata=True, owner=pg.PG_USER, progress=progress)
+    served = prepare(f"fs:{b.store}", b.snap, pgdata=True, owner=postgres.PG_USER, progress=progress)
     argv = (
         [f"stats={stats}" if a.startswith("stats=") else a for a in served.argv] + PLUGIN_ARGS + list(extra)
     )
@@ -234,13 +237,13 @@ def run_restore(b: Backup, work: Path) -> Sample:
     run = None
     try:
         t1 = time.monotonic()
-        cluster = pg.locate(dest)
-        uid, gid = pg.pg_ids()
-        pg.fix_ownership(cluster.datadir, uid, gid)  # chown -R postgres, data directory 0700
-        pg.prepare_datadir(cluster.datadir, Progress(quiet=True))
+        cluster = postgres.locate(dest)
+        uid, gid = postgres.pg_ids()
+        postgres.fix_ownership(cluster.datadir, uid, gid)  # chown -R postgres, data directory 0700
+        postgres.prepare_datadir(cluster.datadir, Progress(quiet=True))
         phases["chown"] = time.monotonic() - t1
         run = RunDir.create(runs)
-        server = pg.Server(run, cluster, progress=Progress(quiet=True))
+        server = postgres.Server(run, cluster, progress=Progress(quiet=True))
         t2 = time.monotonic()
         server.start()
         phases["start"] = time.monotonic() - t2

@@ -11,7 +11,7 @@ import pytest
 
 from kloset_blocks.ext4 import PlanOptions, plan
 from kloset_blocks.ext4.layout import BYTES
-from kloset_blocks.image import BlockImage
+from kloset_blocks.image.block import BlockImage
 from kloset_blocks.tree import Node
 
 

@@ -38,3 +38,7 @@ class AmbiguousSnapshot(KlosetError):
 
 class LayoutError(KlosetError):
     """A tree cannot be represented as ext4 (name too long, too many inodes, ...)."""
+
+
+class PgError(KlosetError):
+    """PostgreSQL could not be found, started, stopped or queried."""

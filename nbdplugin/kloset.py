@@ -2,7 +2,7 @@
 #
 #   nbdkit python nbdplugin/kloset.py store=fs:/var/backups snapshot=9f3a [path=/data] [owner=postgres]
 #
-# A thin facade: every callback forwards to kloset_blocks.nbdserver.Server. Run `nbdkit python
+# A thin facade: every callback forwards to kloset_blocks.serving.server.Server. Run `nbdkit python
 # nbdplugin/kloset.py --help` for the parameters. The passphrase of an encrypted store comes from
 # $PLAKAR_PASSPHRASE, passphrase=+FILE or passphrase=- (prompt); never put it in argv.
 import errno
@@ -36,7 +36,7 @@ def _add_project_to_path() -> None:
 _add_project_to_path()
 
 from kloset_blocks.errors import KlosetError  # noqa: E402
-from kloset_blocks.nbdserver import CONFIG_HELP, CONFIG_KEYS, Server  # noqa: E402
+from kloset_blocks.serving.server import CONFIG_HELP, CONFIG_KEYS, Server  # noqa: E402
 
 server = Server()
 config_help = CONFIG_HELP

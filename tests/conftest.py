@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from kloset_blocks.nbdserver import Server
+from kloset_blocks.serving.server import Server
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared"
@@ -32,7 +32,7 @@ def private_run_root(prefix: str) -> Iterator[Path]:
     os.chmod(root.parent, 0o711)
     os.chmod(root, 0o711)
     yield root
-    from kloset_blocks.attach import teardown_all
+    from kloset_blocks.host.teardown import teardown_all
 
     leftovers = list(root.iterdir())
     teardown_all(root)

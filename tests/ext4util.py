@@ -10,7 +10,7 @@ from pathlib import Path
 
 from kloset_blocks.ext4 import Layout
 from kloset_blocks.ext4.layout import FILE, ZERO
-from kloset_blocks.image import BlockImage
+from kloset_blocks.image.block import BlockImage
 
 
 class PatternData:

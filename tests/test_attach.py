@@ -24,12 +24,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from kloset_blocks.app.sessions import pg_session
 
-from kloset_blocks import pg
-from kloset_blocks import sample as pc
-from kloset_blocks.attach import AttachError, Chain, loops_on, teardown_all
-from kloset_blocks.commands.run import pg_session
-from kloset_blocks.runtime import RUN_ROOT_ENV, Progress, proc_alive, processes_mentioning
+from kloset_blocks import postgres
+from kloset_blocks.demo import sample as pc
+from kloset_blocks.host.chain import Chain
+from kloset_blocks.host.mounts import loops_on
+from kloset_blocks.host.procs import proc_alive, processes_mentioning
+from kloset_blocks.host.progress import Progress
+from kloset_blocks.host.rundir import RUN_ROOT_ENV
+from kloset_blocks.host.teardown import teardown_all
+from kloset_blocks.host.tools import AttachError
 
 REPO = Path(__file__).resolve().parent.parent
 STANDIN_CLI = Path(__file__).resolve().parent / "standin_cli.py"
@@ -172,7 +177,7 @@ def test_read_only_refuses_writes(backup: Backup, run_root: Path) -> None:
     chain, server = pg_session(backup.nbdkit(), read_only=True)
     try:
         assert server.query(*reversed(pc.LIVE_QUERIES["items"])) == backup.live["items"]
-        with pytest.raises(pg.PgError, match="read-only transaction"):
+        with pytest.raises(postgres.PgError, match="read-only transaction"):
             server.query("insert into items values (1000, 'x')", "shop")
         state = snapshot_state(chain)
     finally:
@@ -209,7 +214,7 @@ def test_reused_overlay_starts_without_recovery(backup: Backup, run_root: Path, 
 
 
 def test_backup_without_wal_is_reported(backup: Backup, run_root: Path) -> None:
-    with pytest.raises(pg.NoWalError, match=r"no WAL.*-X fetch") as e:
+    with pytest.raises(postgres.NoWalError, match=r"no WAL.*-X fetch") as e:
         pg_session(backup.nbdkit(backup.image_nowal))
     assert "\n" not in str(e.value)
     assert list(run_root.iterdir()) == []
@@ -271,7 +276,7 @@ PHASE_FAULTS = [
     ("attach", "shadow:losetup", AttachError, r"^attach \(losetup\): losetup: injected failure"),
     ("mount", "missing-mountpoint", AttachError, r"^mount: mountpoint .* is not a directory"),
     ("mount", "shadow:mount", AttachError, r"^mount: mount: injected failure"),
-    ("start", "bad-setting", pg.PgError, r"^postgres failed to start: .*no_such_setting"),
+    ("start", "bad-setting", postgres.PgError, r"^postgres failed to start: .*no_such_setting"),
 ]
 
 
@@ -413,7 +418,7 @@ def test_zz_backing_images_unchanged(backup: Backup) -> None:
     ],
 )
 def test_child_env_applies_and_unsets(extra, present, absent) -> None:
-    from kloset_blocks.attach import child_env
+    from kloset_blocks.host.chain import child_env
 
     env = child_env(extra)
     if present is None:

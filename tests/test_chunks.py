@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from kloset_blocks.chunks import ChunkCache
 from kloset_blocks.errors import CorruptionError
+from kloset_blocks.serving.chunks import ChunkCache
 
 
 class CountingSource:

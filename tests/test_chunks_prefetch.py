@@ -7,7 +7,7 @@ import threading
 import time
 from collections import Counter
 
-from kloset_blocks.chunks import ChunkCache
+from kloset_blocks.serving.chunks import ChunkCache
 
 
 class SlowSource:

@@ -1,4 +1,4 @@
-# The on-disk chunk cache (kloset_blocks/diskcache.py) on real stores: the golden fixtures, written
+# The on-disk chunk cache (kloset_blocks/serving/diskcache.py) on real stores: the golden fixtures, written
 # by Kloset's own code. Oracle: the store's own read_chunk (MAC-checked). Every damaged entry must be
 # ignored, counted and refetched; never wrong bytes.
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from store_helpers import enc_store, plain_store
 
-from kloset_blocks.diskcache import MAGIC, DiskCache
+from kloset_blocks.serving.diskcache import MAGIC, DiskCache
 from kloset_blocks.store import Store
 from kloset_blocks.store import codec as c
 

@@ -1,7 +1,7 @@
 # `make demo` (python -m kloset_blocks.demo), run as a user runs it, into a private data directory: the
 # first run builds the store from a throwaway cluster, the second reuses it without one, and a tampered
 # record of the live answers makes it fail. The expected answers are computed here from the sample's
-# setup SQL (kloset_blocks.sample), independently of both the live server and the snapshot.
+# setup SQL (kloset_blocks.demo.sample), independently of both the live server and the snapshot.
 from __future__ import annotations
 
 import json
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from kloset_blocks.runtime import RUN_ROOT_ENV
+from kloset_blocks.host.rundir import RUN_ROOT_ENV
 from tests.conftest import REPO, private_run_root
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]

@@ -30,12 +30,13 @@ from typing import Any
 
 import pytest
 
-from kloset_blocks import sample
-from kloset_blocks.runtime import RUN_ROOT_ENV, proc_alive, processes_mentioning
+from kloset_blocks.demo import sample
+from kloset_blocks.host.procs import proc_alive, processes_mentioning
+from kloset_blocks.host.rundir import RUN_ROOT_ENV
 from kloset_blocks.store import codec as c
 from kloset_blocks.store import open_store
 from kloset_blocks.store.config import KEY_ENV
-from kloset_blocks.store.writer import add_snapshot, write_store
+from kloset_blocks.writer.store import add_snapshot, write_store
 from tests.conftest import FIXTURES, REPO
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]

@@ -26,7 +26,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kloset_blocks.ext4 import PlanOptions, plan
-from kloset_blocks.localtree import walk
+from kloset_blocks.image.localtree import walk
 from kloset_blocks.tree import BytesData, Node
 
 pytestmark = pytest.mark.root

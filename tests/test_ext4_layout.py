@@ -15,7 +15,7 @@ from ext4util import PatternData, assert_fsck_clean, write_image
 from kloset_blocks.errors import LayoutError
 from kloset_blocks.ext4 import PlanOptions, plan
 from kloset_blocks.ext4.layout import BYTES, FILE, ZERO
-from kloset_blocks.image import BlockImage
+from kloset_blocks.image.block import BlockImage
 from kloset_blocks.tree import BytesData, Node
 
 T = 1_700_000_000_123_456_789

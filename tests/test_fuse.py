@@ -23,9 +23,9 @@ from pathlib import Path
 
 import pytest
 
-from kloset_blocks.export import ImageOptions, snapshot_image
 from kloset_blocks.ext4.layout import ZERO
-from kloset_blocks.runtime import Progress
+from kloset_blocks.host.progress import Progress
+from kloset_blocks.image.snapshot import ImageOptions, snapshot_image
 from tests.store_helpers import ENC, PASSPHRASE, PLAIN, PYTHON, REPO, manifest, plain_store
 from tests.writer_helpers import add_member
 
@@ -365,7 +365,7 @@ def _typed_tar() -> bytes:
 
 @pytest.fixture(scope="module")
 def typed_tree(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    from kloset_blocks.store.writer import write_store
+    from kloset_blocks.writer.store import write_store
 
     d = tmp_path_factory.mktemp("typed")
     tar = d / "t.tar"
@@ -493,7 +493,7 @@ def test_expose_refuses_a_bad_file(tmp_path: Path, kind: str) -> None:
 
 
 def test_postgres_on_qcow2_overlay_of_the_exposed_file(tmp_path: Path) -> None:
-    from kloset_blocks import pg
+    from kloset_blocks import postgres
     from kloset_blocks.fuse.chain import FuseChain, expose_argv
 
     chain = FuseChain(expose_argv(str(PLAIN), SNAP_A, owner="postgres"), run_root=tmp_path / "run")
@@ -504,12 +504,12 @@ def test_postgres_on_qcow2_overlay_of_the_exposed_file(tmp_path: Path) -> None:
             ["qemu-img", "info", "-U", str(chain.overlay)], capture_output=True, text=True, check=True
         ).stdout
         assert f"backing file: {chain.run.path / 'image'}" in info
-        cluster = pg.locate(chain.mountpoint)
-        uid, gid = pg.pg_ids()
-        pg.ensure_traversable(chain.mountpoint, cluster.datadir, uid)
-        pg.fix_ownership(cluster.datadir, uid, gid)
-        pg.prepare_datadir(cluster.datadir, Progress(quiet=True))
-        server = pg.Server(chain.run, cluster)
+        cluster = postgres.locate(chain.mountpoint)
+        uid, gid = postgres.pg_ids()
+        postgres.ensure_traversable(chain.mountpoint, cluster.datadir, uid)
+        postgres.fix_ownership(cluster.datadir, uid, gid)
+        postgres.prepare_datadir(cluster.datadir, Progress(quiet=True))
+        server = postgres.Server(chain.run, cluster)
         server.start()
         assert server.query("select count(*), sum(id) from customers", db="shop") == "5000|12502500"
         assert server.query("select name from customers where id=150", db="shop") == "customer-150"

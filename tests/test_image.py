@@ -17,7 +17,7 @@ from kloset_blocks.cli import main
 from kloset_blocks.errors import CorruptionError, UsageError
 from kloset_blocks.ext4 import PlanOptions, plan
 from kloset_blocks.ext4.layout import BYTES, FILE, ZERO
-from kloset_blocks.image import BlockImage
+from kloset_blocks.image.block import BlockImage
 from kloset_blocks.tree import BytesData, Node
 
 MiB = 1 << 20

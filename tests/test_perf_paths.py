@@ -16,7 +16,7 @@ import pytest
 from kloset_blocks.errors import CorruptionError
 from kloset_blocks.store import Store, open_store
 from kloset_blocks.store import codec as c
-from kloset_blocks.store.writer import write_store
+from kloset_blocks.writer.store import write_store
 from tests.store_helpers import enc_store, plain_store
 from tests.writer_helpers import rand_bytes
 

@@ -11,18 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from kloset_blocks import pg
-from kloset_blocks.attach import nbdkit_command, probe_nbd
+from kloset_blocks import postgres
 from kloset_blocks.errors import KlosetError, NotFound
-from kloset_blocks.runtime import (
-    Progress,
-    RunDir,
-    list_run_dirs,
-    proc_alive,
-    proc_record,
-    proc_starttime,
-    stop_process,
-)
+from kloset_blocks.host.chain import nbdkit_command, probe_nbd
+from kloset_blocks.host.procs import proc_alive, proc_record, proc_starttime, stop_process
+from kloset_blocks.host.progress import Progress
+from kloset_blocks.host.rundir import RunDir, list_run_dirs
 
 
 @pytest.mark.parametrize(
@@ -41,31 +35,31 @@ def test_find_data_dir(tmp_path: Path, files: list[str], expected: str | None) -
         (tmp_path / f).write_text("15\n")
     if expected is None:
         with pytest.raises(NotFound, match="no PostgreSQL data directory"):
-            pg.find_data_dir(tmp_path)
+            postgres.find_data_dir(tmp_path)
     else:
-        assert pg.find_data_dir(tmp_path) == (tmp_path / expected if expected else tmp_path)
+        assert postgres.find_data_dir(tmp_path) == (tmp_path / expected if expected else tmp_path)
 
 
 @pytest.mark.parametrize(("text", "major"), [("15\n", "15"), ("9.6\n", "9.6"), ("16", "16"), ("x1\n", None)])
 def test_read_major(tmp_path: Path, text: str, major: str | None) -> None:
     (tmp_path / "PG_VERSION").write_text(text)
     if major is None:
-        with pytest.raises(pg.PgError, match="unexpected PG_VERSION"):
-            pg.read_major(tmp_path)
+        with pytest.raises(postgres.PgError, match="unexpected PG_VERSION"):
+            postgres.read_major(tmp_path)
     else:
-        assert pg.read_major(tmp_path) == major
+        assert postgres.read_major(tmp_path) == major
 
 
 def test_server_bindir_names_the_debian_package() -> None:
-    assert pg.server_bindir("15") == Path("/usr/lib/postgresql/15/bin")
-    with pytest.raises(pg.PgError, match=r"apt-get install postgresql-99$") as e:
-        pg.server_bindir("99")
+    assert postgres.server_bindir("15") == Path("/usr/lib/postgresql/15/bin")
+    with pytest.raises(postgres.PgError, match=r"apt-get install postgresql-99$") as e:
+        postgres.server_bindir("99")
     assert "\n" not in str(e.value) and isinstance(e.value, KlosetError)
 
 
 @pytest.mark.parametrize(("root_mode", "expected_mode"), [(0o755, 0o700), (0o750, 0o750), (0o700, 0o700)])
 def test_fix_ownership(tmp_path: Path, root_mode: int, expected_mode: int) -> None:
-    uid, gid = pg.pg_ids()
+    uid, gid = postgres.pg_ids()
     d = tmp_path / "data"
     (d / "base" / "1").mkdir(parents=True)
     (d / "base" / "1" / "1259").write_bytes(b"x")
@@ -73,26 +67,26 @@ def test_fix_ownership(tmp_path: Path, root_mode: int, expected_mode: int) -> No
     os.chown(d / "backup_manifest", 2048, 1024)  # what pg_basebackup writes (references §3.4)
     os.symlink("/nonexistent", d / "link")  # lchown: a dangling link is not followed
     os.chmod(d, root_mode)
-    changed = pg.fix_ownership(d, uid, gid)
+    changed = postgres.fix_ownership(d, uid, gid)
     assert changed >= 5
     for p in [d, d / "base", d / "base" / "1", d / "base" / "1" / "1259", d / "backup_manifest", d / "link"]:
         st = p.lstat()
         assert (st.st_uid, st.st_gid) == (uid, gid), p
     assert d.stat().st_mode & 0o7777 == expected_mode
-    assert pg.fix_ownership(d, uid, gid) == 0  # idempotent: nothing left to change
+    assert postgres.fix_ownership(d, uid, gid) == 0  # idempotent: nothing left to change
 
 
 def test_ensure_traversable_and_prepare(tmp_path: Path) -> None:
-    uid, _ = pg.pg_ids()
+    uid, _ = postgres.pg_ids()
     root = tmp_path / "mnt"
     data = root / "data"
     data.mkdir(parents=True)
     os.chmod(root, 0o700)  # root-owned and closed: postgres could not reach /data
-    pg.ensure_traversable(root, data, uid)
+    postgres.ensure_traversable(root, data, uid)
     assert root.stat().st_mode & 0o001
     for name in ("postmaster.pid", "standby.signal", "PG_VERSION"):
         (data / name).write_text("x")
-    pg.prepare_datadir(data, Progress(quiet=True))
+    postgres.prepare_datadir(data, Progress(quiet=True))
     assert sorted(p.name for p in data.iterdir()) == ["PG_VERSION"]
 
 
@@ -108,8 +102,8 @@ def test_server_options(tmp_path: Path, read_only: bool, has_conf: bool, setting
         data.mkdir()
         if has_conf:
             (data / "postgresql.conf").write_text("")
-        s = pg.Server(run, pg.Cluster(data, "15", Path("/usr/lib/postgresql/15/bin")), read_only=read_only,
-                      settings=settings)  # fmt: skip
+        cluster = postgres.Cluster(data, "15", Path("/usr/lib/postgresql/15/bin"))
+        s = postgres.Server(run, cluster, read_only=read_only, settings=settings)
         opts = s._options()
         pairs = [opts[i + 1] for i, o in enumerate(opts) if o == "-c"]
         assert opts[:2] == ["-D", str(data)]
@@ -118,7 +112,7 @@ def test_server_options(tmp_path: Path, read_only: bool, has_conf: bool, setting
         assert any(p.startswith("config_file=") for p in pairs) == (not has_conf)
         for extra in settings:
             assert extra in pairs
-        assert s.dir.stat().st_uid == pg.pg_ids()[0] and s.dir.stat().st_mode & 0o777 == 0o700
+        assert s.dir.stat().st_uid == postgres.pg_ids()[0] and s.dir.stat().st_mode & 0o777 == 0o700
     finally:
         subprocess.run(["rm", "-rf", str(root)], check=True)
 
@@ -132,7 +126,7 @@ def test_server_options(tmp_path: Path, read_only: bool, has_conf: bool, setting
     ],
 )
 def test_relevant_lines(text: str, expected: str) -> None:
-    assert pg.relevant_lines(text) == expected
+    assert postgres.relevant_lines(text) == expected
 
 
 @pytest.mark.parametrize(

@@ -13,8 +13,8 @@ from pathlib import Path
 import nbd
 import pytest
 
-from kloset_blocks.export import chunk_macs
-from kloset_blocks.nbdserver import Server
+from kloset_blocks.image.snapshot import chunk_macs
+from kloset_blocks.serving.server import Server
 from tests.conftest import REPO
 
 PLUGIN = str(REPO / "nbdplugin" / "kloset.py")
@@ -278,7 +278,7 @@ def other_chunk(image, mac: bytes) -> bytes:
 
 
 def test_dump_plugin_lists_every_parameter() -> None:
-    from kloset_blocks.nbdserver import CONFIG_KEYS
+    from kloset_blocks.serving.server import CONFIG_KEYS
 
     out = subprocess.run(
         ["nbdkit", "python", PLUGIN, "--dump-plugin"], capture_output=True, text=True, check=True, timeout=60

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from kloset_blocks.export import chunk_macs
-from kloset_blocks.nbdserver import Server
+from kloset_blocks.image.snapshot import chunk_macs
+from kloset_blocks.serving.server import Server
 from kloset_blocks.store import codec as c
 from kloset_blocks.store import open_store
 from tests.conftest import REPO, server_for

@@ -24,11 +24,12 @@ from typing import Any
 
 import pytest
 
-from kloset_blocks import sample
-from kloset_blocks.runtime import RUN_ROOT_ENV, processes_mentioning
+from kloset_blocks.demo import sample
+from kloset_blocks.host.procs import processes_mentioning
+from kloset_blocks.host.rundir import RUN_ROOT_ENV
 from kloset_blocks.store import codec as c
 from kloset_blocks.store import open_store
-from kloset_blocks.store.writer import add_snapshot, write_store
+from kloset_blocks.writer.store import add_snapshot, write_store
 
 REPO = Path(__file__).resolve().parent.parent
 GOLDEN = REPO.parent / "shared" / "fixtures" / "golden-plain"

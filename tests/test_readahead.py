@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from kloset_blocks.export import chunk_macs
 from kloset_blocks.ext4.layout import BYTES, FILE, ZERO
-from kloset_blocks.nbdserver import RA_MIN, Server
+from kloset_blocks.image.snapshot import chunk_macs
+from kloset_blocks.serving.server import RA_MIN, Server
 from tests.conftest import server_for
 
 SNAP_A = "bf6afbae"

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from kloset_blocks.store import open_store
-from kloset_blocks.store.writer import add_snapshot, write_store
+from kloset_blocks.writer.store import add_snapshot, write_store
 from tests.store_helpers import (
     PLAIN,
     SNAP_A_PLAIN,

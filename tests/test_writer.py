@@ -16,9 +16,9 @@ from writer_helpers import CHEAP_KDF, TINY_CHUNKS, make_tree, rand_bytes, source
 from kloset_blocks.errors import KlosetError, PassphraseError, UsageError
 from kloset_blocks.store import codec as C
 from kloset_blocks.store import open_store
-from kloset_blocks.store.writer import add_snapshot, open_existing, write_store
-from kloset_blocks.store.writer_chunker import entropy, iter_chunks, mac_hasher
-from kloset_blocks.store.writer_pack import iter_state_locations
+from kloset_blocks.writer.chunker import entropy, iter_chunks, mac_hasher
+from kloset_blocks.writer.pack import iter_state_locations
+from kloset_blocks.writer.store import add_snapshot, open_existing, write_store
 
 PASS = b"correct horse"
 

@@ -15,7 +15,7 @@ import stat
 from pathlib import Path
 
 from kloset_blocks.errors import UsageError
-from kloset_blocks.nbdserver import PluginConfig
+from kloset_blocks.serving.server import PluginConfig
 from kloset_blocks.units import parse_size
 
 

@@ -9,9 +9,10 @@ import stat
 import sys
 
 from kloset_blocks.errors import NotFound, UsageError
-from kloset_blocks.export import ImageOptions, find_pgdata_in, plan_options, snapshot_image
 from kloset_blocks.ext4 import plan
-from kloset_blocks.image import BlockImage
+from kloset_blocks.image.block import BlockImage
+from kloset_blocks.image.snapshot import ImageOptions, plan_options, snapshot_image
+from kloset_blocks.pgdata import find_pgdata_in
 from kloset_blocks.units import format_size, parse_size
 
 
@@ -77,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def directory_image(directory: str, options: ImageOptions) -> tuple[BlockImage, bytes]:
-    from kloset_blocks.localtree import walk
+    from kloset_blocks.image.localtree import walk
 
     nodes = list(walk(directory))
     root = options.path

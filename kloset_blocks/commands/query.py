@@ -1,4 +1,4 @@
-# `kloset-blocks query STORE "SQL"`: the argument plumbing over kloset_blocks.query.
+# `kloset-blocks query STORE "SQL"`: the argument plumbing over kloset_blocks.app.query.
 #
 # Exit status: 0 when the query ran on every chosen snapshot (with or without rows), 1 when it
 # failed on any of them (each named on stderr, and in the summary), or on a usage error.
@@ -8,12 +8,13 @@ import argparse
 import sys
 
 from kloset_blocks.errors import UsageError
-from kloset_blocks.runtime import Progress
+from kloset_blocks.host.progress import Progress
 
 
 def cmd_query(args: argparse.Namespace) -> int:
+    from kloset_blocks.app.query import QueryOptions, QueryRun, opened_store, select_snapshots
+    from kloset_blocks.app.report import Printer
     from kloset_blocks.commands.run import require_root
-    from kloset_blocks.query import Printer, QueryOptions, QueryRun, opened_store, select_snapshots
 
     require_root()
     if args.jobs < 1:

@@ -1,143 +1,37 @@
-# `mount`, `pg start`, `pg stop`, `psql`, `down`: the attach chain and Postgres, for a human.
+# `mount`, `pg start`, `pg stop`, `psql`, `down`: argument parsing over kloset_blocks.app.sessions.
 #
-# Strategy: each command is a thin argparse handler over a session function that takes the nbdkit
-# command as a parameter (serve.prepare's for the real plugin; tests pass a stand-in), so the
-# code the tests run is the code the user runs. serve.prepare opens the store and checks the
-# snapshot (passphrase, prefix, data directory, server version) in-process first, so those
-# mistakes cost one line and start nothing. `mount` and `pg start` leave the chain running
-# (nbdkit and qemu-storage-daemon in their own sessions, everything recorded in the run directory)
-# for a later `down`/`pg stop`; `psql` tears down when psql ends. Any failure, Ctrl-C, SIGTERM or
-# SIGHUP before that point tears down what was started.
+# app.check.prepare opens the store and checks the snapshot in-process first (looked up at call time:
+# tests swap it for a stand-in), so a user's mistakes cost one line and start nothing.
 from __future__ import annotations
 
 import argparse
 import os
-import time
-from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
-from kloset_blocks import pg
-from kloset_blocks.attach import Chain, teardown_all, teardown_run_dir
+from kloset_blocks import postgres
+from kloset_blocks.app.sessions import mount_session, pg_session, psql_session, stop_sessions
 from kloset_blocks.errors import UsageError
-from kloset_blocks.runtime import Progress, RunDir, list_run_dirs, sigint_ignored, signals_unwind
-
-Nbdkit = tuple[Sequence[str], Mapping[str, str | None]]  # argv, environment changes (None unsets)
-
-
-# --- sessions (library API; the CLI handlers below are argument plumbing) ------------------------
-
+from kloset_blocks.host.progress import Progress
+from kloset_blocks.host.teardown import teardown_all
 
 def require_root() -> None:
     if os.geteuid() != 0:
         raise UsageError("must run as root (mount, losetup and the FUSE export need it)")
 
 
-def mount_session(
-    nbdkit: Nbdkit,
-    mountpoint: Path | str,
-    *,
-    overlay: Path | str | None = None,
-    progress: Progress | None = None,
-    run_root: Path | str | None = None,
-    state: Mapping[str, Any] | None = None,
-) -> Chain:
-    """Bring the chain up on a user's mountpoint and leave it running."""
-    argv, env = nbdkit
-    with signals_unwind():
-        return Chain(
-            argv,
-            env=env,
-            mountpoint=mountpoint,
-            overlay=overlay,
-            progress=progress,
-            run_root=run_root,
-            state=state,
-        ).up()
-
-
-def pg_session(
-    nbdkit: Nbdkit,
-    *,
-    read_only: bool = False,
-    overlay: Path | str | None = None,
-    progress: Progress | None = None,
-    run_root: Path | str | None = None,
-    settings: Sequence[str] = (),
-    state: Mapping[str, Any] | None = None,
-) -> tuple[Chain, pg.Server]:
-    """Chain + Postgres on its data directory, ready for queries. On any failure (or signal) before
-    it is ready, everything started is torn down and the error propagates."""
-    argv, env = nbdkit
-    progress = progress or Progress(quiet=True)
-    t0 = time.monotonic()
-    with signals_unwind():
-        chain = Chain(argv, env=env, overlay=overlay, progress=progress, run_root=run_root, state=state)
-        try:
-            chain.up()
-            assert chain.mountpoint is not None and chain.run is not None
-            with progress.phase("prepare"):
-                cluster = pg.locate(chain.mountpoint)
-                uid, gid = pg.pg_ids()
-                pg.ensure_traversable(chain.mountpoint, cluster.datadir, uid)
-                changed = pg.fix_ownership(cluster.datadir, uid, gid)
-                pg.prepare_datadir(cluster.datadir, progress)
-            if changed:
-                progress.say(f"gave {changed} inode(s) to the postgres user (in the overlay)")
-            server = pg.Server(chain.run, cluster, read_only=read_only, progress=progress, settings=settings)
-            server.start()
-        except BaseException:
-            chain.teardown()
-            raise
-    progress.done("ready", time.monotonic() - t0)
-    return chain, server
-
-
-def psql_session(
-    nbdkit: Nbdkit,
-    psql_args: Sequence[str],
-    *,
-    read_only: bool = False,
-    overlay: Path | str | None = None,
-    progress: Progress | None = None,
-    run_root: Path | str | None = None,
-    state: Mapping[str, Any] | None = None,
-) -> int:
-    """pg_session, then psql with the user's arguments on the terminal, then teardown."""
-    chain, server = pg_session(
-        nbdkit, read_only=read_only, overlay=overlay, progress=progress, run_root=run_root, state=state
-    )
-    with signals_unwind():
-        try:
-            with sigint_ignored():
-                return server.psql(psql_args)
-        finally:
-            chain.teardown()
-
-
-def stop_sessions(run_root: Path | str | None = None, progress: Progress | None = None) -> int:
-    """`pg stop`: tear down every chain that runs a Postgres server. Returns how many."""
-    n = 0
-    for d in list_run_dirs(run_root):
-        if "postgres" in RunDir.load(d).state:
-            teardown_run_dir(d, progress)
-            n += 1
-    return n
-
-
 # --- CLI -----------------------------------------------------------------------------------------
 
 
 def _served(args: argparse.Namespace, progress: Progress, *, pgdata: bool) -> Any:
-    """serve.prepare for the command's arguments (looked up at call time: tests swap it)."""
-    from kloset_blocks import serve
+    """check.prepare for the command's arguments (looked up at call time: tests swap it)."""
+    from kloset_blocks.app import check
 
-    return serve.prepare(
+    return check.prepare(
         args.store,
         args.snapshot,
         path=getattr(args, "path", None),  # `mount` only; Postgres serves the dir holding PG_VERSION
         pgdata=pgdata,
-        owner=pg.PG_USER if pgdata else None,
+        owner=postgres.PG_USER if pgdata else None,
         passphrase_file=args.passphrase_file,
         progress=progress,
     )
@@ -300,4 +194,6 @@ def _snap_options() -> argparse.ArgumentParser:
 _PSQL_OPTIONS = argparse.ArgumentParser(
     prog="kloset-blocks psql", add_help=False, parents=[_quiet_options(), _snap_options()]
 )
+
+
 _PSQL_OPTIONS.add_argument("--read-only", action="store_true")

@@ -8,9 +8,8 @@ import argparse
 import os
 
 from kloset_blocks.errors import PassphraseError, UsageError
+from kloset_blocks.store.passphrase import PASSPHRASE_ENV
 from kloset_blocks.units import parse_size
-
-ENV = "PLAKAR_PASSPHRASE"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -19,7 +18,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="write a Kloset store (or add a snapshot to one) from a directory or a tar",
         description="Write a Kloset store at DEST holding one snapshot of a directory or a tar stream; "
         "if DEST is already a store, add the snapshot to it (only new chunks are written). "
-        f"The passphrase of an encrypted store comes from ${ENV} or --passphrase-file.",
+        f"The passphrase of an encrypted store comes from ${PASSPHRASE_ENV} or --passphrase-file.",
     )
     p.add_argument(
         "dest", metavar="DEST", help="store: a directory, s3://HOST/BUCKET[/PREFIX] or sftp://HOST/PATH"
@@ -62,12 +61,12 @@ def _passphrase(args: argparse.Namespace, required: bool) -> bytes | None:
         except OSError as e:
             raise UsageError(f"cannot read passphrase file {args.passphrase_file}: {e.strerror}") from None
         return data[:-1] if data.endswith(b"\n") else data
-    env = os.environb.get(ENV.encode())
+    env = os.environb.get(PASSPHRASE_ENV.encode())
     if env is not None:
         return env
     if required:
         raise PassphraseError(
-            f"an encrypted store needs a passphrase: set {ENV} or pass --passphrase-file FILE"
+            f"an encrypted store needs a passphrase: set {PASSPHRASE_ENV} or pass --passphrase-file FILE"
         )
     return None
 
@@ -85,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _write(args: argparse.Namespace, dest: str) -> int:
-    from kloset_blocks.store.writer import (
+    from kloset_blocks.writer.store import (
         DEFAULT_CHUNKING,
         DEFAULT_PACKFILE_MAX,
         add_snapshot,

@@ -1,11 +1,11 @@
 # The attach chain with the exposed image file as the qcow2 overlay's backing instead of nbdkit:
 # `kloset-blocks mount --backend fuse`, the fallback where nbdkit is not installed.
 #
-# Strategy: FuseChain is attach.Chain with one phase replaced. "serve" starts
+# Strategy: FuseChain is host.chain.Chain with one phase replaced. "serve" starts
 # `kloset-blocks expose STORE SNAP RUN/image --no-run-dir` in its own session (stdin /dev/null,
 # log in the run directory), records it as the run's fuse view, and waits for RUN/image to be
 # mounted; the overlay then gets `-F raw -b RUN/image`. Overlay, attach (qemu-storage-daemon +
-# loop), mount and teardown are Chain's own; attach.teardown_run_dir stops the view (its hook)
+# loop), mount and teardown are Chain's own; host.teardown.teardown_run_dir stops the view (its hook)
 # after qemu-storage-daemon, the view's only reader.
 from __future__ import annotations
 
@@ -15,9 +15,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from kloset_blocks.attach import AttachError, Chain, log_tail
 from kloset_blocks.fuse.mount import STATE_KIND, STATE_MOUNT, STATE_PROC, is_mounted
-from kloset_blocks.runtime import Progress, proc_record, signals_unwind
+from kloset_blocks.host.chain import Chain
+from kloset_blocks.host.procs import proc_record
+from kloset_blocks.host.progress import Progress
+from kloset_blocks.host.signals import signals_unwind
+from kloset_blocks.host.tools import AttachError, log_tail
 
 IMAGE_FILE = "image"
 

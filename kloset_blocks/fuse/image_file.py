@@ -3,7 +3,7 @@
 # Strategy: a FUSE filesystem whose root inode IS a regular file (S_IFREG), mounted on the path the
 # user gives, as qemu-storage-daemon's FUSE export does: after the mount, FILE itself is the image,
 # so `e2fsck -fn FILE`, `debugfs FILE`, `losetup -r FILE` and `qemu-img create -b FILE -F raw` all
-# take it like any image file. The bytes come from nbdserver.Server, the same object the nbdkit
+# take it like any image file. The bytes come from serving.server.Server, the same object the nbdkit
 # plugin is a facade over: same options, same BlockImage, same chunk cache and sequential readahead.
 #
 # Invariants: one inode (ROOT_INODE); size = image size; mode 0444 owned by the user who mounted
@@ -19,7 +19,7 @@ from typing import Any
 import pyfuse3
 
 from kloset_blocks.fuse.mount import ReadOnlyOps, attributes, check_open_flags, in_thread
-from kloset_blocks.nbdserver import Export, PluginConfig, Server, describe
+from kloset_blocks.serving.server import Export, PluginConfig, Server, describe
 from kloset_blocks.units import format_size
 
 

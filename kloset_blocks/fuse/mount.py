@@ -14,7 +14,7 @@
 # - Reads run in worker threads (trio.to_thread): a chunk fetch blocks one request, not the loop;
 #   the codecs release the GIL. Errors reading the store are logged and become EIO, never bytes.
 # - A standalone view records {fuse_view: pid+starttime, fuse_view_mount} in its own run directory
-#   (runtime.RunDir); `down` signals the pid (we then unmount) and lazily unmounts what remains.
+#   (host.rundir.RunDir); `down` signals the pid (we then unmount) and lazily unmounts what remains.
 #   At a clean exit the view removes its run directory, unless a `down` holds its lock.
 from __future__ import annotations
 
@@ -35,9 +35,11 @@ import pyfuse3
 import trio
 
 from kloset_blocks.errors import KlosetError, UsageError
-from kloset_blocks.runtime import RunDir, proc_record, signals_unwind, stop_process
+from kloset_blocks.host.procs import proc_record, stop_process
+from kloset_blocks.host.rundir import RunDir
+from kloset_blocks.host.signals import signals_unwind
 
-# Keys of the run directory's state.json (see kloset_blocks.attach.teardown_run_dir).
+# Keys of the run directory's state.json (see kloset_blocks.host.teardown.teardown_run_dir).
 STATE_PROC = "fuse_view"
 STATE_MOUNT = "fuse_view_mount"
 STATE_KIND = "fuse_view_kind"

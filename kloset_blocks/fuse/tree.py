@@ -23,9 +23,9 @@ from typing import Any
 
 import pyfuse3
 
-from kloset_blocks.chunks import ChunkCache
 from kloset_blocks.errors import NotFound, UsageError
 from kloset_blocks.fuse.mount import ReadOnlyOps, attributes, check_open_flags, in_thread
+from kloset_blocks.serving.chunks import ChunkCache
 from kloset_blocks.store import Snapshot, Store, clean_path, open_store
 from kloset_blocks.units import format_size
 

@@ -11,18 +11,18 @@ import sys
 
 from kloset_blocks.errors import PassphraseError
 
-ENV = "PLAKAR_PASSPHRASE"
+PASSPHRASE_ENV = "PLAKAR_PASSPHRASE"
 
 
 def resolve_passphrase(spec: str | None, store: str) -> bytes:
     if spec is None:
-        env = os.environ.get(ENV)
+        env = os.environ.get(PASSPHRASE_ENV)
         if env is not None:
             return os.fsencode(env)
         if sys.stdin is not None and sys.stdin.isatty():
             return _prompt(store)
         raise PassphraseError(
-            f"store {store} is encrypted: set {ENV}, pass --passphrase-file FILE"
+            f"store {store} is encrypted: set {PASSPHRASE_ENV}, pass --passphrase-file FILE"
             " (passphrase=+FILE), or run on a terminal to be prompted"
         )
     if spec == "-":

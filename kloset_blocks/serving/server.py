@@ -50,9 +50,9 @@ from dataclasses import dataclass, field
 from queue import Empty, SimpleQueue
 from typing import Any, NamedTuple
 
-from kloset_blocks.chunks import ChunkCache
 from kloset_blocks.errors import KlosetError, UsageError
-from kloset_blocks.export import ImageOptions, chunk_macs, snapshot_image
+from kloset_blocks.image.snapshot import ImageOptions, chunk_macs, snapshot_image
+from kloset_blocks.serving.chunks import ChunkCache
 from kloset_blocks.units import format_size, parse_size
 
 CONFIG_HELP = """\
@@ -188,7 +188,7 @@ class Server:
         self.config = PluginConfig()
         self.store: Any = None
         self.cache: ChunkCache | None = None
-        self.disk: Any = None  # kloset_blocks.diskcache.DiskCache with cache-dir=
+        self.disk: Any = None  # kloset_blocks.serving.diskcache.DiskCache with cache-dir=
         self._stats_lock = threading.Lock()
         self.exports: dict[str, Export] = {}
         self.default_export = ""
@@ -213,7 +213,7 @@ class Server:
         self.store = open_store(self.config.store, passphrase=self.config.passphrase)
         fetch = self.store.read_chunk
         if self.config.cache_dir:
-            from kloset_blocks.diskcache import DiskCache
+            from kloset_blocks.serving.diskcache import DiskCache
 
             repository_id = bytes(self.store.config.get("RepositoryID") or b"")
             self.disk = DiskCache(

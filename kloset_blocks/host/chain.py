@@ -18,42 +18,34 @@
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
-import shutil
 import socket
 import struct
 import subprocess
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from kloset_blocks.errors import KlosetError
-from kloset_blocks.runtime import (
-    Progress,
-    RunDir,
-    list_run_dirs,
-    proc_alive,
-    proc_record,
-    processes_mentioning,
-    signals_blocked,
-    stop_process,
-)
+from kloset_blocks.host.mounts import is_mounted
+from kloset_blocks.host.procs import child_pids, proc_record
+from kloset_blocks.host.progress import Progress
+from kloset_blocks.host.rundir import RunDir
+from kloset_blocks.host.teardown import teardown_run_dir
+from kloset_blocks.host.tools import AttachError, log_tail, run_tool
 
 QCOW2_OPTIONS = "cluster_size=128k,extended_l2=on"
+
+
 NBD_SOCKET = "nbd.sock"
+
+
 FUSE_FILE = "disk.raw"
-TOOL_TIMEOUT = 60.0
+
+
 # In the nbdkit argv, this token stands for the run directory (made only when the chain comes up):
 # the plugin's stats=FILE lives there, and is read back at teardown after nbdkit has written it.
 RUN_DIR_TOKEN = "{run_dir}"
-STATS_FILE = "nbdkit-stats.json"
-
-
-class AttachError(KlosetError):
-    """A phase of the attach chain failed (the message names the phase and the tool's own words)."""
 
 
 def nbd_uri(sock: Path) -> str:
@@ -78,79 +70,6 @@ def nbdkit_command(argv: Sequence[str], sock: Path) -> list[str]:
         if flag not in argv:
             extra.insert(0, flag)
     return [argv[0], *extra, *argv[1:]]
-
-
-# --- small tools ---------------------------------------------------------------------------------
-
-
-def run_tool(argv: Sequence[str], what: str, *, timeout: float = TOOL_TIMEOUT) -> str:
-    """Run a tool to completion; failure -> AttachError with its last stderr line."""
-    try:
-        p = subprocess.run(
-            list(argv), stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout
-        )
-    except FileNotFoundError as e:
-        raise AttachError(f"{what}: {argv[0]} not found (run `make deps`)") from e
-    except subprocess.TimeoutExpired as e:
-        raise AttachError(f"{what}: {argv[0]} did not finish within {timeout:.0f} s") from e
-    if p.returncode != 0:
-        raise AttachError(f"{what}: {last_line(p.stderr) or f'{argv[0]} exited with {p.returncode}'}")
-    return p.stdout
-
-
-def last_line(text: str) -> str:
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    return lines[-1] if lines else ""
-
-
-def log_tail(path: Path | str) -> str:
-    try:
-        with open(path, "rb") as f:
-            f.seek(max(0, os.fstat(f.fileno()).st_size - 4096))
-            return last_line(f.read().decode(errors="replace"))
-    except OSError:
-        return ""
-
-
-def mounts() -> list[tuple[str, str, str]]:
-    """(source, target, fstype) of every mount, octal escapes (\\040 for a space...) decoded."""
-
-    def unescape(s: str) -> str:
-        return s.encode().decode("unicode_escape") if "\\" in s else s
-
-    out = []
-    with open("/proc/mounts") as f:
-        for line in f:
-            parts = line.split()
-            if len(parts) >= 3:
-                out.append((unescape(parts[0]), unescape(parts[1]), parts[2]))
-    return out
-
-
-def is_mounted(target: Path | str, source: str | None = None) -> bool:
-    t = str(target)
-    return any(tg == t and (source is None or src == source) for src, tg, _ in mounts())
-
-
-def loops_on(path: Path | str) -> list[str]:
-    """Loop devices whose backing file is `path` (from sysfs: no need for losetup's output format)."""
-    found = []
-    for d in Path("/sys/block").glob("loop*"):
-        try:
-            backing = (d / "loop" / "backing_file").read_text().strip()
-        except OSError:
-            continue
-        if backing == str(path):
-            found.append(f"/dev/{d.name}")
-    return found
-
-
-def child_pids(pid: int) -> list[int]:
-    """Direct children of pid, from /proc (no procps needed)."""
-    try:
-        return [int(x) for x in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        return []
 
 
 def free_nbd_device() -> str | None:
@@ -410,171 +329,3 @@ class Chain:
             os.close(fd)
         self._children.append(proc)
         return proc
-
-
-# --- teardown (also from another process) --------------------------------------------------------
-
-
-def teardown_run_dir(path: Path | str, progress: Progress | None = None) -> list[str]:
-    """Undo everything recorded in (or discoverable from) one run directory, in reverse order.
-
-    Each step runs whatever happened before; problems are collected, reported, and returned."""
-    path = Path(path)
-    progress = progress or Progress(quiet=True)
-    problems: list[str] = []
-    if not path.is_dir():
-        return problems
-    t0 = time.monotonic()
-    with signals_blocked(), _locked(path):
-        run = RunDir.load(path)
-        st: dict[str, Any] = run.state
-        # Counters are only complete if nbdkit is still running, to be stopped (and write them) now.
-        served_to_the_end = proc_alive(st.get("nbdkit"))
-        steps = [
-            ("postgres", lambda: _stop_postgres(run)),
-            ("umount", lambda: _umount(st)),
-            ("loop", lambda: _detach_loops(st)),
-            ("nbd device", lambda: _disconnect_nbd(st)),
-            ("qemu-storage-daemon", lambda: _stop_qsd(st)),
-            ("nbdkit", lambda: _stop_nbdkit(st)),
-            ("fetch report", lambda: served_to_the_end and _report_fetched(path, st, progress)),
-            ("fuse view", lambda: _stop_fuse_view(st)),  # hook: kloset_blocks.fuse (issue 7)
-            ("stray processes", lambda: _sweep(path)),
-            ("files", lambda: _remove_files(path, st)),
-        ]
-        for name, step in steps:
-            try:
-                step()
-            except Exception as e:  # keep going: a later step may still free something
-                problems.append(f"{name}: {e}")
-    for p in problems:
-        print(f"kloset-blocks: teardown {path.name}: {p}", file=sys.stderr, flush=True)
-    progress.done("teardown", time.monotonic() - t0)
-    return problems
-
-
-def teardown_all(root: Path | str | None = None, progress: Progress | None = None) -> tuple[int, list[str]]:
-    """`kloset-blocks down`: every run directory under the root. Returns (count, problems)."""
-    problems: list[str] = []
-    dirs = list_run_dirs(root)
-    for d in dirs:
-        problems += teardown_run_dir(d, progress)
-    return len(dirs), problems
-
-
-@contextlib.contextmanager
-def _locked(path: Path):  # type: ignore[no-untyped-def]
-    # One teardown at a time per run directory (the owner and a `down` may race). The lock file
-    # lives beside the run directory's contents and goes with it.
-    try:
-        fd = os.open(path / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
-    except OSError:
-        yield
-        return
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
-
-
-# --- hook for the FUSE views (issue 7; owned by kloset_blocks/fuse) ---------------------------------
-def _stop_fuse_view(st: dict[str, Any]) -> None:
-    """A pyfuse3 view recorded here (`expose`/`browse`, or the image file behind `mount --backend
-    fuse`): stop it (it unmounts itself) and detach its mount if it is still there."""
-    if "fuse_view" in st or "fuse_view_mount" in st:
-        from kloset_blocks.fuse.mount import stop_recorded_view
-
-        stop_recorded_view(st)
-
-
-def _stop_postgres(run: RunDir) -> None:
-    if "postgres" in run.state:
-        from kloset_blocks import pg
-
-        pg.stop_recorded(run)
-
-
-def _umount(st: dict[str, Any]) -> None:
-    mnt, src = st.get("mountpoint"), st.get("mount_source")
-    if not mnt or not src or not is_mounted(mnt, src):
-        return
-    last = ""
-    for attempt in range(10):
-        p = subprocess.run(["umount", mnt], capture_output=True, text=True, stdin=subprocess.DEVNULL)
-        if p.returncode == 0 or not is_mounted(mnt, src):
-            return
-        last = last_line(p.stderr)
-        time.sleep(0.05 * (attempt + 1))
-    # Busy (a shell inside it?): detach it from the tree now; the kernel frees it when released.
-    subprocess.run(["umount", "-l", mnt], capture_output=True, stdin=subprocess.DEVNULL)
-    if is_mounted(mnt, src):
-        raise AttachError(f"cannot unmount {mnt}: {last}")
-    raise AttachError(f"{mnt} was busy ({last}); unmounted lazily")
-
-
-def _detach_loops(st: dict[str, Any]) -> None:
-    fuse = st.get("fuse")
-    loops = set(loops_on(fuse)) if fuse else set()
-    rec = st.get("loop")
-    if rec and fuse and rec in loops_on(fuse):
-        loops.add(rec)
-    for dev in sorted(loops):
-        subprocess.run(["losetup", "-d", dev], capture_output=True, stdin=subprocess.DEVNULL)
-    # losetup -d on a device still in use only sets autoclear; wait briefly for it to go.
-    deadline = time.monotonic() + 5.0
-    while fuse and loops_on(fuse) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    if fuse and loops_on(fuse):
-        raise AttachError(f"loop device(s) still attached to {fuse}: {' '.join(loops_on(fuse))}")
-
-
-def _disconnect_nbd(st: dict[str, Any]) -> None:
-    dev = st.get("nbd_device")
-    if dev and Path(f"/sys/block/{Path(dev).name}/pid").exists():
-        run_tool(["qemu-nbd", "--disconnect", dev], "nbd disconnect")
-
-
-def _stop_nbdkit(st: dict[str, Any]) -> None:
-    stop_process(st.get("nbdkit"))
-    stop_process(st.get("nbdkit_keeper"))  # exits with its child; a signal if it has not yet
-
-
-def _report_fetched(path: Path, st: dict[str, Any], progress: Progress) -> None:
-    """The plugin's counters, written by nbdkit as it exited: bytes read from the store against the
-    snapshot's size. Absent or stale (nbdkit was killed: the file may hold the counters of an earlier
-    client's close), or a stand-in served: nothing to say."""
-    served = st.get("served")
-    if not served:
-        return
-    import json
-
-    try:
-        stats = json.loads((path / served.get("stats", STATS_FILE)).read_text())
-    except (OSError, ValueError):
-        return
-    if "store_bytes_read" in stats:
-        progress.fetched(int(stats["store_bytes_read"]), int(served.get("logical_size") or 0))
-
-
-def _stop_qsd(st: dict[str, Any]) -> None:
-    stop_process(st.get("qsd"))
-    fuse = st.get("fuse")
-    if fuse and is_mounted(fuse):
-        # A killed daemon leaves its FUSE mount behind ("Transport endpoint is not connected").
-        subprocess.run(["umount", "-l", fuse], capture_output=True, stdin=subprocess.DEVNULL)
-
-
-def _sweep(path: Path) -> None:
-    for rec in processes_mentioning(str(path) + "/"):
-        stop_process(rec)
-
-
-def _remove_files(path: Path, st: dict[str, Any]) -> None:
-    still = [tg for _, tg, _ in mounts() if tg == str(path) or tg.startswith(str(path) + "/")]
-    if still:
-        raise AttachError(f"not removing {path}: still mounted: {' '.join(still)}")
-    if any(proc_alive(st.get(k)) for k in ("nbdkit", "nbdkit_keeper", "qsd")):
-        raise AttachError(f"not removing {path}: a recorded process is still alive")
-    # A temporary overlay lives inside the run directory and goes with it; a kept one is elsewhere.
-    shutil.rmtree(path)

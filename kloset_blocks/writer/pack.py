@@ -26,7 +26,7 @@ from pathlib import Path
 
 from kloset_blocks.store import codec as C
 from kloset_blocks.store.codec import Codec
-from kloset_blocks.store.writer_chunker import mac_hasher
+from kloset_blocks.writer.chunker import mac_hasher
 
 BLOB_VERSION = C.pack_version(1, 0, 0)
 PACKFILE_VERSION = C.pack_version(1, 0, 0)

@@ -19,23 +19,24 @@ from __future__ import annotations
 
 import contextlib
 import os
-import pwd
 import re
 import shlex
 import signal
 import subprocess
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
-from kloset_blocks.errors import KlosetError, NotFound
-from kloset_blocks.runtime import Progress, RunDir, proc_alive, proc_record, stop_process, wait_gone
+from kloset_blocks.errors import PgError
+from kloset_blocks.host.procs import proc_alive, proc_record, stop_process, wait_gone
+from kloset_blocks.host.progress import Progress
+from kloset_blocks.host.rundir import RunDir
+from kloset_blocks.postgres.datadir import PG_USER, Cluster, pg_ids
+from kloset_blocks.store.passphrase import PASSPHRASE_ENV
 
-PG_LIB = Path("/usr/lib/postgresql")
-PG_USER = "postgres"
 DEFAULT_PORT = 5432
-DATA_DIR_CANDIDATES = ("", "data")
+
+
 NO_WAL_PATTERNS = (
     "could not locate required checkpoint record",
     "could not locate a valid checkpoint record",
@@ -44,111 +45,8 @@ NO_WAL_PATTERNS = (
 )
 
 
-class PgError(KlosetError):
-    """PostgreSQL could not be found, started, stopped or queried."""
-
-
 class NoWalError(PgError):
     """The backup lacks the WAL needed to reach consistency (taken with pg_basebackup -X none)."""
-
-
-@dataclass(frozen=True)
-class Cluster:
-    datadir: Path
-    major: str
-    bindir: Path
-
-
-def find_data_dir(root: Path) -> Path:
-    """The directory holding PG_VERSION: the root, /data, or else one level down."""
-    for rel in DATA_DIR_CANDIDATES:
-        if (root / rel / "PG_VERSION").is_file():
-            return root / rel if rel else root
-    with contextlib.suppress(OSError):
-        for child in sorted(root.iterdir()):
-            if child.is_dir() and not child.is_symlink() and (child / "PG_VERSION").is_file():
-                return child
-    raise NotFound(f"no PostgreSQL data directory (a PG_VERSION file) in the snapshot at {root}")
-
-
-def read_major(datadir: Path) -> str:
-    return check_major((datadir / "PG_VERSION").read_text().strip(), str(datadir))
-
-
-def check_major(text: str, where: str) -> str:
-    """PG_VERSION's content: a major version ("15", or "9.6" before PostgreSQL 10)."""
-    if not re.fullmatch(r"\d+(\.\d+)?", text):
-        raise PgError(f"unexpected PG_VERSION {text!r} in {where}")
-    return text
-
-
-def server_bindir(major: str, lib: Path = PG_LIB) -> Path:
-    bindir = lib / major / "bin"
-    if not (bindir / "postgres").is_file():
-        raise PgError(
-            f"the snapshot is PostgreSQL {major}, whose server is not installed here "
-            f"({bindir}/postgres missing): apt-get install postgresql-{major}"
-        )
-    return bindir
-
-
-def locate(root: Path) -> Cluster:
-    datadir = find_data_dir(root)
-    major = read_major(datadir)
-    return Cluster(datadir, major, server_bindir(major))
-
-
-def pg_ids() -> tuple[int, int]:
-    try:
-        pw = pwd.getpwnam(PG_USER)
-    except KeyError as e:
-        raise PgError(f"no local user {PG_USER!r}: apt-get install postgresql") from e
-    return pw.pw_uid, pw.pw_gid
-
-
-def fix_ownership(datadir: Path, uid: int, gid: int) -> int:
-    """Make every inode under datadir owned by uid:gid and the root 0700 (or keep 0750), as the
-    server insists. A metadata walk only; changes land in the overlay. Returns how many changed.
-    Ideally the image already has this owner (the plugin's owner= remap) and nothing changes."""
-    changed = 0
-    st = datadir.lstat()
-    if (st.st_uid, st.st_gid) != (uid, gid):
-        os.lchown(datadir, uid, gid)
-        changed += 1
-    if st.st_mode & 0o7777 not in (0o700, 0o750):
-        os.chmod(datadir, 0o700)
-        changed += 1
-    for dirpath, dirnames, filenames in os.walk(datadir):
-        for name in dirnames + filenames:
-            p = os.path.join(dirpath, name)
-            s = os.lstat(p)
-            if (s.st_uid, s.st_gid) != (uid, gid):
-                os.lchown(p, uid, gid)
-                changed += 1
-    return changed
-
-
-def ensure_traversable(mount_root: Path, datadir: Path, uid: int) -> None:
-    """The server must be able to reach its data directory: give o+x to the ancestors that lack it."""
-    p = datadir.parent
-    while True:
-        st = p.stat()
-        if st.st_uid != uid and not st.st_mode & 0o001:
-            os.chmod(p, (st.st_mode & 0o7777) | 0o001)
-        if p == mount_root or p == p.parent:
-            break
-        p = p.parent
-
-
-def prepare_datadir(datadir: Path, progress: Progress) -> None:
-    """Stale files a server start must not see. pg_basebackup omits postmaster.pid; a file-level
-    backup of a live data directory has one. standby.signal (pg_basebackup -R) would keep the server
-    in recovery forever, waiting for a primary."""
-    for name in ("postmaster.pid", "standby.signal"):
-        f = datadir / name
-        if f.exists():
-            f.unlink()
-            progress.say(f"removed {name} from the overlay")
 
 
 class Server:
@@ -345,7 +243,7 @@ def stop_recorded(run: RunDir, timeout: float = 60.0) -> None:
 
 def child_env() -> dict[str, str]:
     """Our environment minus the store's passphrase: the server and psql have no use for it."""
-    return {k: v for k, v in os.environ.items() if k != "PLAKAR_PASSPHRASE"}
+    return {k: v for k, v in os.environ.items() if k != PASSPHRASE_ENV}
 
 
 def relevant_lines(text: str, n: int = 3) -> str:

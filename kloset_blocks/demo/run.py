@@ -1,6 +1,6 @@
 # `make demo`: SQL on a PostgreSQL backup kept in a Kloset store, nothing restored, end to end.
 #
-# Strategy: the first run builds the store: a throwaway PostgreSQL cluster (kloset_blocks.sample:
+# Strategy: the first run builds the store: a throwaway PostgreSQL cluster (kloset_blocks.demo.sample:
 # pgbench scale 1 plus a small table), `pg_basebackup -D - -F tar -X fetch -c fast`, written into a
 # Kloset store at <repo>/data/demo-store by the project's writer; the live server's psql output for the
 # demo queries is saved beside it (demo-answers.json) as the oracle, and the cluster is removed. Later
@@ -28,9 +28,9 @@ from kloset_blocks.errors import KlosetError
 from kloset_blocks.units import format_size
 
 if TYPE_CHECKING:
-    from kloset_blocks.sample import PgCluster
+    from kloset_blocks.demo.sample import PgCluster
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 DATA = REPO / "data"
 STORE_NAME = "demo-store"
 ANSWERS_NAME = "demo-answers.json"
@@ -79,8 +79,8 @@ def usable_store(store: Path) -> str | None:
 
 def build_store(store: Path, answers: Path) -> str:
     """Throwaway cluster -> pg_basebackup tar -> Kloset store. Returns the snapshot id."""
-    from kloset_blocks import sample
-    from kloset_blocks.store.writer import write_store
+    from kloset_blocks.demo import sample
+    from kloset_blocks.writer.store import write_store
 
     t0 = time.monotonic()
     cluster = sample.make_cluster(SCALE)
@@ -112,7 +112,7 @@ def build_store(store: Path, answers: Path) -> str:
 
 def live_output(cluster: PgCluster) -> str:
     """The live server's output for the demo queries: the oracle for the snapshot's."""
-    from kloset_blocks import sample
+    from kloset_blocks.demo import sample
 
     argv = [str(sample.BINDIR / "psql"), "-h", str(cluster.base), "-p", str(sample.PORT), *psql_args()]
     return sample.as_postgres(argv).stdout

@@ -33,7 +33,6 @@ import os
 import secrets
 import shutil
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -44,13 +43,16 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from kloset_blocks import pg
-from kloset_blocks.attach import Chain
+from kloset_blocks import postgres
 from kloset_blocks.errors import KlosetError, UsageError
-from kloset_blocks.runtime import Progress, RunDir, signals_unwind
-from kloset_blocks.units import format_size
+from kloset_blocks.host.chain import Chain
+from kloset_blocks.host.progress import Progress
+from kloset_blocks.host.rundir import RunDir
+from kloset_blocks.host.signals import signals_unwind
 
 STATS_NAME = "nbdkit-stats.json"
+
+
 STATUS_ROWS, STATUS_EMPTY, STATUS_ERROR = "rows", "no rows", "error"
 
 
@@ -262,12 +264,12 @@ class QueryRun:
         return [r for r in self.results if r is not None]
 
     def nbdkit(self) -> tuple[list[str], dict[str, str | None]]:
-        from kloset_blocks.serve import nbdkit_argv
+        from kloset_blocks.serving.nbdkit import nbdkit_argv
 
         argv, env = nbdkit_argv(
             self.location,
             self.infos[0].hex_id,
-            owner=pg.PG_USER,
+            owner=postgres.PG_USER,
             key=self.store.codec.key,  # derived already: nbdkit need not derive it again
             pgdata=True,
             stats=str(self.stats_path),
@@ -374,7 +376,7 @@ class QueryRun:
 
     def _check(self, info: Any) -> None:
         """Before anything starts: a data directory, and a server for its major version."""
-        from kloset_blocks.serve import _check_root
+        from kloset_blocks.app.check import _check_root
 
         snapshot = self.store.open_snapshot(info.hex_id)
         _check_root(snapshot, None, True)
@@ -382,27 +384,29 @@ class QueryRun:
     def _diagnose(self, info: Any, error: KlosetError) -> KlosetError:
         """The chain failed to come up. If the export itself cannot be built (damaged metadata),
         nbdkit only said "export not available": say what is wrong, in the store's own words."""
-        from kloset_blocks.export import ImageOptions, snapshot_image
+        from kloset_blocks.image.snapshot import ImageOptions, snapshot_image
 
         try:
-            snapshot_image(self.store.open_snapshot(info.hex_id), ImageOptions(pgdata=True, owner=pg.PG_USER))
+            snapshot_image(
+                self.store.open_snapshot(info.hex_id), ImageOptions(pgdata=True, owner=postgres.PG_USER)
+            )
         except KlosetError as e:
             return type(e)(str(e))
         return error
 
-    def _start_postgres(self, chain: Chain, progress: Progress) -> pg.Server:
+    def _start_postgres(self, chain: Chain, progress: Progress) -> postgres.Server:
         assert chain.mountpoint is not None and chain.run is not None
         with progress.phase("prepare"):
-            cluster = pg.locate(chain.mountpoint)
-            uid, gid = pg.pg_ids()
-            pg.ensure_traversable(chain.mountpoint, cluster.datadir, uid)
-            pg.fix_ownership(cluster.datadir, uid, gid)
-            pg.prepare_datadir(cluster.datadir, progress)
-        server = pg.Server(chain.run, cluster, read_only=True, progress=progress)
+            cluster = postgres.locate(chain.mountpoint)
+            uid, gid = postgres.pg_ids()
+            postgres.ensure_traversable(chain.mountpoint, cluster.datadir, uid)
+            postgres.fix_ownership(cluster.datadir, uid, gid)
+            postgres.prepare_datadir(cluster.datadir, progress)
+        server = postgres.Server(chain.run, cluster, read_only=True, progress=progress)
         server.start()
         return server
 
-    def _query(self, server: pg.Server) -> tuple[list[str], list[list[str | None]]]:
+    def _query(self, server: postgres.Server) -> tuple[list[str], list[list[str | None]]]:
         args = ["-X", "-q", "--csv", "-P", f"null={self.null}", "-v", "ON_ERROR_STOP=1"]
         argv = server.psql_argv([*args, "-d", self.options.db, "-c", self.options.sql])
         try:
@@ -413,7 +417,7 @@ class QueryRun:
             raise QueryError(f"query did not finish within {self.options.timeout:.0f} s") from None
         err = p.stderr.decode(errors="replace")
         if p.returncode != 0:
-            raise QueryError(f"query failed: {pg.relevant_lines(err) or f'psql exited {p.returncode}'}")
+            raise QueryError(f"query failed: {postgres.relevant_lines(err) or f'psql exited {p.returncode}'}")
         return parse_csv(p.stdout.decode(errors="replace"), self.null)
 
     # ---- the plugin's counters -------------------------------------------------------------------
@@ -438,129 +442,13 @@ class QueryRun:
             time.sleep(0.01)
 
 
-# --- output --------------------------------------------------------------------------------------
-
-
-def render_table(columns: Sequence[str], rows: Sequence[Sequence[str | None]]) -> list[str]:
-    """psql-like aligned table (NULL shown empty, as psql does); multi-line values on one line."""
-
-    def cell(v: str | None) -> str:
-        return "" if v is None else v.replace("\n", "\\n")
-
-    cells = [[cell(v) for v in row] for row in rows]
-    widths = [max([len(c)] + [len(r[i]) for r in cells if i < len(r)]) for i, c in enumerate(columns)]
-    out = [" " + " | ".join(c.center(w) for c, w in zip(columns, widths, strict=True))]
-    out.append("-" + "-+-".join("-" * w for w in widths) + "-")
-    for r in cells:
-        out.append(" " + " | ".join(v.ljust(w) for v, w in zip(r, widths, strict=False)))
-    out.append(f"({len(rows)} row{'s' if len(rows) != 1 else ''})")
-    return out
-
-
-class Printer:
-    """Prints each result as it is ready: table (human), csv (snapshot, date, columns...), or json
-    (one document at the end)."""
-
-    def __init__(self, fmt: str, out: Any = None, err: Any = None, quiet: bool = False) -> None:
-        self.fmt = fmt
-        self.out = out or sys.stdout
-        self.err = err or sys.stderr
-        self.quiet = quiet
-        self._csv = csv.writer(self.out, lineterminator="\n")
-        self._header: list[str] | None = None
-
-    def result(self, r: Result) -> None:
-        if not self.quiet:
-            print(progress_line(r), file=self.err, flush=True)
-        if r.error is not None:
-            print(f"kloset-blocks: query: snapshot {r.info.short_id}: {r.error}", file=self.err, flush=True)
-        if self.fmt == "table":
-            self._table(r)
-        elif self.fmt == "csv" and r.error is None:
-            header = ["snapshot", "date", *r.columns]
-            if header != self._header:  # a schema change between snapshots: a new header
-                self._csv.writerow(header)
-                self._header = header
-            for row in r.rows:
-                self._csv.writerow([r.info.short_id, r.date, *["" if v is None else v for v in row]])
-        self.out.flush()
-
-    def _table(self, r: Result) -> None:
-        title = f"snapshot {r.info.short_id}  {r.date}"
-        if r.info.name:
-            title += f"  {r.info.name}"
-        print(f"== {title}", file=self.out)
-        if r.error is not None:
-            print(f"error: {r.error}", file=self.out)
-        else:
-            for line in render_table(r.columns, r.rows):
-                print(line, file=self.out)
-        print(file=self.out)
-
-    def finish(self, run: QueryRun, results: Sequence[Result]) -> None:
-        if self.fmt == "json":
-            doc = {
-                "query": run.options.sql,
-                "database": run.options.db,
-                "snapshots": [r.as_json() for r in results],
-                "summary": summary_json(run, results),
-            }
-            json.dump(doc, self.out, indent=1)
-            self.out.write("\n")
-            self.out.flush()
-        dest = self.out if self.fmt == "table" else self.err
-        if self.fmt == "table" or not self.quiet:
-            for line in summary_lines(run, results):
-                print(line, file=dest, flush=True)
-
-
-def progress_line(r: Result) -> str:
-    t = r.times
-    up = sum(t.get(k, 0.0) for k in ("overlay", "attach", "mount"))
-    pgt = sum(t.get(k, 0.0) for k in ("prepare", "start", "recovery"))
-    parts = [f"{r.info.short_id}: {r.status}"]
-    if r.error is None:
-        parts[0] += f" ({len(r.rows)})"
-    parts.append(
-        f"{r.seconds:.2f} s (attach {up:.2f}, postgres {pgt:.2f}, query {t.get('query', 0):.2f}, "
-        f"down {t.get('down', 0):.2f})"
-    )
-    if r.fetched is not None:
-        parts.append(f"fetched {format_size(r.fetched)}")
-    return ", ".join(parts)
-
-
-def summary_json(run: QueryRun, results: Sequence[Result]) -> dict[str, Any]:
-    def ids(status: str) -> list[str]:
-        return [r.info.short_id for r in results if r.status == status]
-
-    return {
-        "with_rows": ids(STATUS_ROWS),
-        "without_rows": ids(STATUS_EMPTY),
-        "failed": ids(STATUS_ERROR),
-        "fetched_bytes": run.fetched_total,
-        "seconds": round(run.seconds, 3),
-    }
-
-
-def summary_lines(run: QueryRun, results: Sequence[Result]) -> list[str]:
-    s = summary_json(run, results)
-    lines = [f"summary: {len(results)} snapshot(s) queried in {run.seconds:.1f} s"]
-    for key, label in (("with_rows", "with rows"), ("without_rows", "without rows"), ("failed", "failed")):
-        if s[key]:
-            lines.append(f"  {label}: {' '.join(s[key])}")
-    if run.fetched_total is not None:
-        lines.append(f"  fetched {format_size(run.fetched_total)} from the store")
-    return lines
-
-
 # --- the library entry point ---------------------------------------------------------------------
 
 
 @contextlib.contextmanager
 def opened_store(location: str, passphrase_file: str | None) -> Iterator[Any]:
     """The store, opened here (the prompt, if any, happens now; nbdkit gets the key derived here)."""
-    from kloset_blocks.serve import PASSPHRASE_ENV, passphrase_for
+    from kloset_blocks.app.check import PASSPHRASE_ENV, passphrase_for
     from kloset_blocks.store import open_store
 
     secret = passphrase_for(location, passphrase_file)

@@ -13,69 +13,21 @@
 # the plugin would take; the key derived from it travels in nbdkit's environment, KEY_ENV, and the
 # passphrase does not); no --exit-with-parent: for `mount` and
 # `pg start` nbdkit must outlive the CLI that started it (it runs in its own session and is stopped by
-# `kloset-blocks down`). The plugin's counters go to a file in the run directory (attach.RUN_DIR_TOKEN
+# `kloset-blocks down`). The plugin's counters go to a file in the run directory (host.chain.RUN_DIR_TOKEN
 # is replaced by the chain), read back at teardown for the "fetched ... from the store" line.
 from __future__ import annotations
 
 import contextlib
 import os
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from kloset_blocks.attach import RUN_DIR_TOKEN, STATS_FILE
 from kloset_blocks.errors import PassphraseError
-from kloset_blocks.runtime import Progress
-
-REPO = Path(__file__).resolve().parent.parent
-PLUGIN = REPO / "nbdplugin" / "kloset.py"
-PASSPHRASE_ENV = "PLAKAR_PASSPHRASE"
-
-
-# nbdkit threads a connection. The plugin is PARALLEL, but Python runs one thread at a time (the
-# GIL): nbdkit's default of 16 a connection puts up to 64 threads in the plugin at once (nbdcopy's 4
-# connections), and they spend their time handing the GIL to each other. Two a connection keep a
-# miss from stalling its connection (a hit or a second fetch goes on meanwhile) for a fraction of
-# the switching: bench/RESULTS.md, "nbdkit threads".
-NBDKIT_THREADS = 2
-
-
-def nbdkit_argv(
-    store: str,
-    snap: str,
-    path: str | None = None,
-    owner: str | None = None,
-    *,
-    key: bytes | None = None,
-    pgdata: bool = False,
-    stats: str | None = None,
-) -> tuple[list[str], dict[str, str | None]]:
-    """(argv, extra environment) for `nbdkit --threads=2 python nbdplugin/kloset.py store=...`.
-    An encrypted store's `key`, derived by the caller, goes to nbdkit in its environment (store/
-    config.py: KEY_ENV) instead of the passphrase, so that nbdkit does not derive it again."""
-    argv = ["nbdkit", f"--threads={NBDKIT_THREADS}", "python", str(PLUGIN)]
-    argv += [f"store={store}", f"snapshot={snap}"]
-    if path:
-        argv.append(f"path={path}")
-    if pgdata:
-        argv.append("pgdata=true")
-    if owner:
-        argv.append(f"owner={owner}")
-    if stats:
-        argv.append(f"stats={stats}")
-    # nbdkit embeds Debian's /usr/bin/python3: give it the repo and the venv's site-packages.
-    site = (
-        REPO / ".venv" / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
-    )
-    env: dict[str, str | None] = {"PYTHONPATH": os.pathsep.join([str(REPO), str(site)])}
-    if key is not None:
-        from kloset_blocks.store.config import KEY_ENV
-
-        env[KEY_ENV] = key.hex()
-        env[PASSPHRASE_ENV] = None  # nbdkit needs the key only: do not pass the passphrase on
-    return argv, env
+from kloset_blocks.host.chain import RUN_DIR_TOKEN
+from kloset_blocks.host.progress import Progress
+from kloset_blocks.serving.nbdkit import STATS_FILE, nbdkit_argv
+from kloset_blocks.store.passphrase import PASSPHRASE_ENV
 
 
 @dataclass(frozen=True)
@@ -136,16 +88,16 @@ def prepare(
 
 def _check_root(snapshot: Any, path: str | None, pgdata: bool) -> tuple[str, str | None]:
     """The served root (must be a directory) and, for a data directory, its checked major version."""
-    from kloset_blocks import pg
+    from kloset_blocks import postgres
     from kloset_blocks.errors import NotFound, UsageError
-    from kloset_blocks.export import PG_VERSION, find_pgdata
+    from kloset_blocks.pgdata import PG_VERSION, find_pgdata
 
     if pgdata:
         root = find_pgdata(snapshot)  # NotFound: "snapshot X is not a PostgreSQL data directory"
         f = snapshot.open_file(root.rstrip(b"/") + b"/" + PG_VERSION)
         text = f.read(0, min(f.entry.size, 64)).decode(errors="replace").strip()
-        major = pg.check_major(text, f"snapshot {snapshot.info.short_id}")
-        pg.server_bindir(major)  # not installed: "apt-get install postgresql-N"
+        major = postgres.check_major(text, f"snapshot {snapshot.info.short_id}")
+        postgres.server_bindir(major)  # not installed: "apt-get install postgresql-N"
         return os.fsdecode(root), major
     root_b = ("/" + (path or "").strip("/")).encode("utf-8", "surrogateescape")
     try:

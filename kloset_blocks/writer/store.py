@@ -50,14 +50,8 @@ from kloset_blocks.store.gomode import (
     MODE_STICKY,
     MODE_SYMLINK,
 )
-from kloset_blocks.store.writer_chunker import (
-    check_sizes,
-    content_type,
-    entropy,
-    iter_chunks,
-    mac_hasher,
-)
-from kloset_blocks.store.writer_pack import (
+from kloset_blocks.writer.chunker import check_sizes, content_type, entropy, iter_chunks, mac_hasher
+from kloset_blocks.writer.pack import (
     BLOB_VERSION,
     STATE_VERSION,
     PackWriter,
@@ -67,8 +61,8 @@ from kloset_blocks.store.writer_pack import (
     state_stream,
     write_atomic,
 )
-from kloset_blocks.store.writer_source import Item
-from kloset_blocks.store.writer_source import open_source as _open_source
+from kloset_blocks.writer.source import Item
+from kloset_blocks.writer.source import open_source as _open_source
 
 CONFIG_VERSION = C.pack_version(1, 0, 0)
 RECORD_VERSION = C.pack_version(1, 0, 0)  # Object, Chunk, Entry, Header

@@ -9,15 +9,14 @@
 from __future__ import annotations
 
 import pwd
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from kloset_blocks.errors import NotFound, UsageError
 from kloset_blocks.ext4.layout import PlanOptions, plan
-from kloset_blocks.image import BlockImage
+from kloset_blocks.image.block import BlockImage
+from kloset_blocks.pgdata import find_pgdata, holds_pgdata
 from kloset_blocks.store.snapshot import Snapshot
-
-PG_VERSION = b"PG_VERSION"
 
 
 @dataclass(frozen=True)
@@ -34,38 +33,6 @@ class ImageOptions:
     def __post_init__(self) -> None:
         if len(self.label) > 16:
             raise UsageError("the volume label is at most 16 bytes")
-
-
-def find_pgdata(snapshot: Snapshot) -> bytes:
-    """The directory holding PG_VERSION: `/` for `tar:` backups of pg_basebackup, `/data` for
-    plakar's postgres importer (two cheap lookups), else the shallowest anywhere (a full walk)."""
-    for candidate in (b"/", b"/data"):
-        if holds_pgdata(snapshot, candidate):
-            return candidate
-    found = find_pgdata_in(path for path, entry in snapshot.walk(b"/") if entry.is_reg)
-    if found is None:
-        short = snapshot.info.short_id
-        raise NotFound(f"snapshot {short} is not a PostgreSQL data directory (no PG_VERSION)")
-    return found
-
-
-def find_pgdata_in(file_paths: Iterable[bytes]) -> bytes | None:
-    """The shallowest directory (then the first by bytes) holding a file named PG_VERSION."""
-    best: tuple[int, bytes] | None = None
-    for path in file_paths:
-        directory, _, name = path.rpartition(b"/")
-        if name == PG_VERSION:
-            key = (directory.count(b"/"), directory or b"/")
-            best = key if best is None else min(best, key)
-    return None if best is None else best[1]
-
-
-def holds_pgdata(snapshot: Snapshot, root: bytes) -> bool:
-    try:
-        snapshot.lookup(root.rstrip(b"/") + b"/" + PG_VERSION)
-    except NotFound:
-        return False
-    return True
 
 
 def resolve_owner(options: ImageOptions, is_pgdata: bool) -> tuple[int | None, int | None]:

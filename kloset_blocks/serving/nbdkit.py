@@ -1,0 +1,62 @@
+# The nbdkit command line that serves a snapshot with this project's plugin (nbdplugin/kloset.py),
+# and the environment it needs: nbdkit embeds Debian's /usr/bin/python3, which must find this
+# checkout and its virtualenv. No secret is ever in the argv: an encrypted store's key, derived by
+# the caller, travels in nbdkit's environment.
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from kloset_blocks.store.passphrase import PASSPHRASE_ENV
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+PLUGIN = REPO / "nbdplugin" / "kloset.py"
+
+
+# nbdkit threads a connection. The plugin is PARALLEL, but Python runs one thread at a time (the
+# GIL): nbdkit's default of 16 a connection puts up to 64 threads in the plugin at once (nbdcopy's 4
+# connections), and they spend their time handing the GIL to each other. Two a connection keep a
+# miss from stalling its connection (a hit or a second fetch goes on meanwhile) for a fraction of
+# the switching: bench/RESULTS.md, "nbdkit threads".
+NBDKIT_THREADS = 2
+# The plugin's counters (stats=FILE), read back for the "fetched ... from the store" line.
+STATS_FILE = "nbdkit-stats.json"
+
+
+def nbdkit_argv(
+    store: str,
+    snap: str,
+    path: str | None = None,
+    owner: str | None = None,
+    *,
+    key: bytes | None = None,
+    pgdata: bool = False,
+    stats: str | None = None,
+) -> tuple[list[str], dict[str, str | None]]:
+    """(argv, extra environment) for `nbdkit --threads=2 python nbdplugin/kloset.py store=...`.
+    An encrypted store's `key`, derived by the caller, goes to nbdkit in its environment (store/
+    config.py: KEY_ENV) instead of the passphrase, so that nbdkit does not derive it again."""
+    argv = ["nbdkit", f"--threads={NBDKIT_THREADS}", "python", str(PLUGIN)]
+    argv += [f"store={store}", f"snapshot={snap}"]
+    if path:
+        argv.append(f"path={path}")
+    if pgdata:
+        argv.append("pgdata=true")
+    if owner:
+        argv.append(f"owner={owner}")
+    if stats:
+        argv.append(f"stats={stats}")
+    # nbdkit embeds Debian's /usr/bin/python3: give it the repo and the venv's site-packages.
+    site = (
+        REPO / ".venv" / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
+    )
+    env: dict[str, str | None] = {"PYTHONPATH": os.pathsep.join([str(REPO), str(site)])}
+    if key is not None:
+        from kloset_blocks.store.config import KEY_ENV
+
+        env[KEY_ENV] = key.hex()
+        env[PASSPHRASE_ENV] = None  # nbdkit needs the key only: do not pass the passphrase on
+    return argv, env
