@@ -9,7 +9,8 @@
 # further exports (name = 8-hex id), their images built on first open and then kept. With
 # lazy=true (`kloset-blocks query`) the default export too is built on first open, so one broken
 # snapshot fails only its own exports. cache-dir= puts a DiskCache (diskcache.py) under the
-# ChunkCache: a second tier that persists decoded chunks across runs.
+# ChunkCache: a second tier that persists decoded chunks across runs; a remote store gets one by
+# default (a round trip to it costs far more than a disk read).
 #
 # Reads: BlockImage.readinto stitches regions; file regions read chunks through one ChunkCache
 # shared by every export (chunks common to several snapshots are fetched once). nbdkit's `cache`
@@ -73,7 +74,9 @@ passphrase=-|+FILE passphrase: - prompts, +FILE reads a file (default: $KLOSET_B
                    $PLAKAR_PASSPHRASE; then a prompt)
 lazy=true          build every export's image on first open, the default one too (a snapshot that
                    cannot be served then fails its own open, not nbdkit's start)
-cache-dir=DIR      persistent on-disk chunk cache (zstd entries, MAC-checked on every hit)
+cache-dir=DIR      persistent on-disk chunk cache (zstd entries, MAC-checked on every hit); for a
+                   remote store (s3://, sftp://) on by default in $XDG_CACHE_HOME/kloset-blocks;
+                   cache-dir=off turns it off
 cache-dir-size=SIZE bound of the on-disk cache (default 4G; least recently used entries go first)
 stats=FILE         write cache and fetch counters as JSON to FILE at exit (and when a client closes)"""
 
@@ -212,13 +215,14 @@ class Server:
 
         self.store = open_store(self.config.store, passphrase=self.config.passphrase)
         fetch = self.store.read_chunk
-        if self.config.cache_dir:
+        cache_dir = self.config.cache_dir
+        if cache_dir is None and self.store.remote:
+            cache_dir = default_cache_dir()  # a remote store: the on-disk cache is on by default
+        if cache_dir and cache_dir != "off":
             from kloset_blocks.serving.diskcache import DiskCache
 
             repository_id = bytes(self.store.config.get("RepositoryID") or b"")
-            self.disk = DiskCache(
-                self.config.cache_dir, self.store.codec, repository_id, self.config.cache_dir_size
-            )
+            self.disk = DiskCache(cache_dir, self.store.codec, repository_id, self.config.cache_dir_size)
             fetch = self.disk.wrap(fetch)
             self.disk.wrap_store(self.store)  # the snapshots' metadata, too
         self.cache = ChunkCache(fetch, max_bytes=self.config.cache)
@@ -383,6 +387,12 @@ class Server:
             self.disk.flush()
         if self.config.stats:
             self.write_stats()
+
+
+def default_cache_dir() -> str:
+    """$XDG_CACHE_HOME/kloset-blocks (~/.cache/kloset-blocks): where remote stores are cached."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "kloset-blocks")
 
 
 def describe(info: Any) -> str:
