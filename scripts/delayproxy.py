@@ -54,8 +54,9 @@ async def pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, link:
                 await asyncio.sleep(wait)
             writer.write(data)
             await writer.drain()
-        if writer.can_write_eof():
-            writer.write_eof()
+        with contextlib.suppress(OSError):  # the peer may be gone already
+            if writer.can_write_eof():
+                writer.write_eof()
 
     sender = asyncio.create_task(send())
     try:

@@ -12,6 +12,7 @@ APT_PACKAGES=(
   qemu-utils qemu-system-common fuse3 python3-pyfuse3
   e2fsprogs postgresql postgresql-contrib
   python3-venv python3-pip util-linux kmod liblz4-1
+  openssh-server openssh-client
 )
 
 missing=()
@@ -24,8 +25,9 @@ if ((${#missing[@]})); then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
-  # Debian starts a default cluster on install; tests run their own clusters.
+  # Debian starts a default cluster and sshd on install; tests run their own.
   systemctl disable --now postgresql >/dev/null 2>&1 || true
+  systemctl disable --now ssh >/dev/null 2>&1 || true
 fi
 
 VENV=.venv

@@ -14,6 +14,7 @@ from kloset_blocks.errors import UsageError
 from kloset_blocks.host.progress import Progress
 from kloset_blocks.host.teardown import teardown_all
 
+
 def require_root() -> None:
     if os.geteuid() != 0:
         raise UsageError("must run as root (mount, losetup and the FUSE export need it)")

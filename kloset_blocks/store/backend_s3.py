@@ -122,8 +122,7 @@ class S3Backend:
         try:
             return resp.read()
         finally:
-            resp.close()
-            resp.release_conn()
+            resp.release_conn()  # back to the pool (close() would drop the connection)
 
     def read(self, key: str) -> bytes:
         return self._call(key, lambda: self._get(key))
