@@ -28,6 +28,25 @@ from kloset_blocks.store.state import Location, LocationIndex
 MAX_COALESCED = 4 << 20
 PACKFILE_VERSION_MAX = c.pack_version(1, 0, 0)
 MAX_GAP = 64 << 10
+# Metadata preloaded from a remote store: every blob but file contents (chunks, objects: the
+# objects lie among the chunks, so fetching them would fetch the data too) and padding, when they
+# add up to at most PRELOAD_MAX encoded bytes.
+PRELOAD_TYPES = frozenset(
+    {
+        c.RT_SNAPSHOT,
+        c.RT_VFS_BTREE,
+        c.RT_VFS_NODE,
+        c.RT_VFS_ENTRY,
+        c.RT_ERROR_BTREE,
+        c.RT_ERROR_NODE,
+        c.RT_XATTR_BTREE,
+        c.RT_XATTR_NODE,
+        c.RT_BTREE_ROOT,
+        c.RT_BTREE_NODE,
+        c.RT_VFS_SUMMARY,
+    }
+)
+PRELOAD_MAX = 64 << 20
 
 
 class Packfiles:
@@ -42,6 +61,37 @@ class Packfiles:
         self._count_lock = threading.Lock()
         self.bytes_read = 0
         self.preads = 0
+        self._preloaded: dict[tuple[int, bytes], bytes] = {}
+
+    def preload(self, rtypes: frozenset[int] = PRELOAD_TYPES, limit: int = PRELOAD_MAX) -> int:
+        """Fetch every blob of `rtypes` at once, in coalesced ranges all in flight together, and keep
+        their encoded bytes (decoded and MAC-checked when read, like any blob): on a remote store a
+        B-tree descent is otherwise one round trip per level. Nothing when they exceed `limit`
+        bytes. Returns the bytes kept."""
+        blobs = list(self.index.blobs_of_types(rtypes))
+        total = sum(loc.length for _, _, loc in blobs)
+        if not blobs or total > limit:
+            return 0
+        by_pf: dict[bytes, list[tuple[int, Location]]] = {}
+        for i, (_, _, loc) in enumerate(blobs):
+            by_pf.setdefault(loc.packfile, []).append((i, loc))
+        runs = [run for pf, items in by_pf.items() for run in plan_runs(pf, items)]
+        kept: dict[tuple[int, bytes], bytes] = {}
+
+        def fetch(run: tuple[Location, list[tuple[int, Location]]]) -> None:
+            span, items = run
+            try:
+                buf = memoryview(self.pread(span))
+            except (FileNotFoundError, CorruptionError):
+                return  # read (and reported) blob by blob later, if ever needed
+            for i, loc in items:
+                rel = loc.offset - span.offset
+                kept[(blobs[i][0], blobs[i][1])] = bytes(buf[rel : rel + loc.length])
+
+        for future in [self.pool().submit(fetch, run) for run in runs]:
+            future.result()
+        self._preloaded = kept
+        return total
 
     # ------------------------------------------------------------ files
 
@@ -129,6 +179,9 @@ class Packfiles:
         return locs
 
     def read_encoded(self, rtype: int, mac: bytes) -> tuple[Location, bytes]:
+        data = self._preloaded.get((rtype, mac))
+        if data is not None:
+            return self.locate(rtype, mac)[0], data
         last: OSError | None = None
         for loc in self.locate(rtype, mac):
             try:
@@ -167,6 +220,8 @@ class Packfiles:
         for i, mac in enumerate(macs):
             loc = self.locate(rtype, mac)[0]
             wanted.setdefault(loc.packfile, []).append((i, loc))
+        if self._preloaded and all((rtype, m) in self._preloaded for m in macs):
+            return [self.read(rtype, m) for m in macs]
         out: list[bytes | None] = [None] * len(macs)
         runs = [run for packfile, items in wanted.items() for run in plan_runs(packfile, items)]
 

@@ -205,6 +205,14 @@ class LocationIndex:
                 out.append(Location(self._packfile_ids[pf], (p >> 32) & 0xFFFFFFFFFFFFFFFF, p & 0xFFFFFFFF))
         return out
 
+    def blobs_of_types(self, rtypes: frozenset[int]) -> Iterator[tuple[int, bytes, Location]]:
+        """(type, mac, best live location) of every indexed blob of one of `rtypes`."""
+        for key in self._loc:
+            if key[0] in rtypes:
+                locs = self.locations(key[0], key[1:])
+                if locs:
+                    yield key[0], key[1:], locs[0]
+
     def blob_version(self, rtype: int, mac: bytes) -> int | None:
         """The delta version when newer than this reader knows, else None."""
         return self._newer.get(bytes([rtype]) + mac)

@@ -67,6 +67,8 @@ class Store:
         self.encrypted = cfg.codec.encrypted
         self.index = LocationIndex.build(backend, cfg.codec)
         self.packfiles = Packfiles(backend, cfg.codec, self.index)
+        if self.remote:  # snapshot headers and trees in one parallel round, not a request per node
+            self.packfiles.preload()
         self._lock = threading.Lock()
         self._infos: dict[bytes, SnapshotInfo] = {}
         self._nodes: OrderedDict[tuple[int, bytes], BNode] = OrderedDict()
