@@ -7,8 +7,8 @@
 #
 #   python3 scripts/delayproxy.py --listen 127.0.0.1:0 --target 127.0.0.1:9000 --delay-ms 25 --rate-mbit 200
 #
-# Prints `listening HOST:PORT` on stdout once ready; at SIGTERM, the bytes and connections carried
-# as JSON to --stats FILE. Loopback only: it refuses any other listen or target address.
+# Prints `listening HOST:PORT` on stdout once ready; at SIGTERM or SIGUSR1, the bytes, connections
+# and HTTP request lines carried so far as JSON to --stats FILE. Loopback only: it refuses any other listen or target address.
 from __future__ import annotations
 
 import argparse
@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import ipaddress
 import json
+import os
 import signal
 import sys
 import time
@@ -32,6 +33,7 @@ class Link:
         self.rate = rate
         self.busy_until = 0.0
         self.bytes = 0
+        self.http_requests = 0  # request lines seen (client -> server direction, HTTP only)
 
     def deliver_at(self, n: int) -> float:
         now = time.monotonic()
@@ -64,6 +66,7 @@ async def pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, link:
             data = await reader.read(CHUNK)
             if not data:
                 break
+            link.http_requests += data.count(b" HTTP/1.1\r\n")
             await queue.put((link.deliver_at(len(data)), data))
     except ConnectionError:
         pass
@@ -96,7 +99,12 @@ class Proxy:
                 w.close()
 
     def stats(self) -> dict[str, int]:
-        return {"bytes_up": self.up.bytes, "bytes_down": self.down.bytes, "connections": self.connections}
+        return {
+            "bytes_up": self.up.bytes,
+            "bytes_down": self.down.bytes,
+            "connections": self.connections,
+            "http_requests": self.up.http_requests,
+        }
 
 
 def _hostport(text: str) -> tuple[str, int]:
@@ -123,11 +131,17 @@ async def main() -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+
+    def dump() -> None:
+        if args.stats:
+            with open(args.stats + ".tmp", "w") as f:
+                json.dump(proxy.stats(), f)
+            os.replace(args.stats + ".tmp", args.stats)
+
+    loop.add_signal_handler(signal.SIGUSR1, dump)
     await stop.wait()
     server.close()
-    if args.stats:
-        with open(args.stats, "w") as f:
-            json.dump(proxy.stats(), f)
+    dump()
 
 
 if __name__ == "__main__":

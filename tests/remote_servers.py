@@ -183,10 +183,21 @@ def sshd_server(base: Path) -> Iterator[SshServer]:
 class DelayProxy:
     port: int
     stats_file: Path
+    proc: subprocess.Popen | None = None
 
     def stats(self) -> dict[str, int]:
+        """The counters so far (asks a running proxy to write them) or at its exit."""
         import json
+        import signal
 
+        if self.proc is not None and self.proc.poll() is None:
+            before = self.stats_file.stat().st_mtime_ns if self.stats_file.exists() else 0
+            self.proc.send_signal(signal.SIGUSR1)
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                if self.stats_file.exists() and self.stats_file.stat().st_mtime_ns != before:
+                    break
+                time.sleep(0.01)
         return json.loads(self.stats_file.read_text())
 
 
@@ -210,6 +221,5 @@ def delay_proxy(
         "--stats",
         str(stats),
     ]
-    proxy = DelayProxy(port, stats)
-    with _process(argv, port, "delayproxy", stdout=subprocess.DEVNULL):
-        yield proxy
+    with _process(argv, port, "delayproxy", stdout=subprocess.DEVNULL) as proc:
+        yield DelayProxy(port, stats, proc)
