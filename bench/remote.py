@@ -35,12 +35,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from kloset_blocks import postgres  # noqa: E402
-from kloset_blocks.demo import sample as pc  # noqa: E402
-from kloset_blocks.host.progress import Progress  # noqa: E402
-from kloset_blocks.host.rundir import RUN_ROOT_ENV, RunDir  # noqa: E402
-from kloset_blocks.host.teardown import teardown_run_dir  # noqa: E402
-from tests.remote_servers import delay_proxy, moto_server  # noqa: E402
+from kloset_blocks import postgres
+from kloset_blocks.demo import sample as pc
+from kloset_blocks.host.progress import Progress
+from kloset_blocks.host.rundir import RUN_ROOT_ENV, RunDir
+from kloset_blocks.host.teardown import teardown_run_dir
+from tests.remote_servers import delay_proxy, moto_server
 
 AID = 77770
 SQL = f"select abalance from pgbench_accounts where aid = {AID}"
