@@ -135,7 +135,7 @@ def one_round(s3_loc: dict[str, str], env: dict[str, str], snaps: list[str], wor
         shutil.rmtree(cache, ignore_errors=True)
         e = {**env, "XDG_CACHE_HOME": str(cache)}
 
-        def counted(name: str, fn):  # type: ignore[no-untyped-def]
+        def counted(name: str, fn, net: str = net):  # type: ignore[no-untyped-def]
             before = proxy.stats() if net == "wan" else None
             r = fn()
             if before is not None:
