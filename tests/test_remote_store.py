@@ -251,3 +251,44 @@ def test_store_config_file_errors(tmp_path: Path) -> None:
         from kloset_blocks.store.options import use_config_file
 
         use_config_file(str(tmp_path / "missing"))
+
+
+def test_startup_profile_prefetches_what_the_last_start_read(
+    remotes: dict[str, tuple[str, Path]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The plugin over S3: the on-disk cache is on by default (XDG cache dir); the chunks the client
+    read are recorded at exit, and the next start (here: of the other snapshot) prefetches them."""
+    from kloset_blocks.serving.server import Server
+    from kloset_blocks.store import codec as c
+
+    location, config = remotes["s3-golden-plain"]
+    _with_config(monkeypatch, config)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+
+    def start(snapshot: str) -> Server:
+        server = Server()
+        for key, value in (("store", location), ("snapshot", snapshot), ("pgdata", "true")):
+            server.configure(key, value)
+        server.config_complete()
+        server.get_ready()
+        return server
+
+    first = start("bf6afbae")
+    assert first.disk is not None and str(first.disk.dir).startswith(str(tmp_path / "kloset-blocks"))
+    assert first._startup_macs == []  # nothing recorded yet
+    export = first.open("")
+    buf = bytearray(4 << 20)
+    for offset in range(0, min(export.image.size, 64 << 20), len(buf)):
+        first.pread(export, memoryview(buf)[: min(len(buf), export.image.size - offset)], offset)
+    first.cleanup()
+    first.store.close()
+    recorded = first.startup.load()
+    assert recorded and all(first.store.index.locations(c.RT_CHUNK, m) for m in recorded)
+
+    second = start("3b116f40")
+    assert second._startup_macs == recorded
+    second.open("")
+    second.cache.wait_idle()
+    assert second.cache.stats.prefetched >= len(recorded) // 2  # some may be cached already
+    second.cleanup()
+    second.store.close()

@@ -54,6 +54,7 @@ from typing import Any, NamedTuple
 from kloset_blocks.errors import KlosetError, UsageError
 from kloset_blocks.image.snapshot import ImageOptions, chunk_macs, snapshot_image
 from kloset_blocks.serving.chunks import ChunkCache
+from kloset_blocks.store.codec import RT_CHUNK
 from kloset_blocks.units import format_size, parse_size
 
 CONFIG_HELP = """\
@@ -192,6 +193,8 @@ class Server:
         self.store: Any = None
         self.cache: ChunkCache | None = None
         self.disk: Any = None  # kloset_blocks.serving.diskcache.DiskCache with cache-dir=
+        self.startup: Any = None  # kloset_blocks.serving.startup.StartupProfile (remote stores)
+        self._startup_macs: list[bytes] = []
         self._stats_lock = threading.Lock()
         self.exports: dict[str, Export] = {}
         self.default_export = ""
@@ -225,7 +228,17 @@ class Server:
             self.disk = DiskCache(cache_dir, self.store.codec, repository_id, self.config.cache_dir_size)
             fetch = self.disk.wrap(fetch)
             self.disk.wrap_store(self.store)  # the snapshots' metadata, too
-        self.cache = ChunkCache(fetch, max_bytes=self.config.cache)
+            if self.store.remote:  # what this start reads, prefetched at the next one
+                from kloset_blocks.serving.startup import StartupProfile
+
+                self.startup = StartupProfile(self.disk.dir)
+                self._startup_macs = [
+                    m for m in self.startup.load() if self.store.index.locations(RT_CHUNK, m)
+                ]
+                fetch = self.startup.wrap(fetch)
+        # A remote store answers in tens of ms: keep as many fetches in flight as it takes.
+        workers = self.store.backend.parallelism if self.store.remote else 2
+        self.cache = ChunkCache(fetch, max_bytes=self.config.cache, prefetch_workers=workers)
         info = self.store.find_snapshot(self.config.snapshot)
         self.default_export = info.short_id
         if not self.config.lazy:
@@ -237,6 +250,10 @@ class Server:
         return [(info.short_id, describe(info)) for info in reversed(self.store.snapshots())]
 
     def open(self, export_name: str) -> Export:
+        if self._startup_macs:  # on the first connection: worker threads do not survive the fork
+            with self._build_lock:
+                macs, self._startup_macs = self._startup_macs, []
+            self.cache.prefetch(macs)
         return self._export(export_name or self.default_export)
 
     def _export(self, name: str) -> Export:
@@ -383,6 +400,8 @@ class Server:
             self._planner = None
         if self.cache is not None:
             self.cache.shutdown()
+        if self.startup is not None:
+            self.startup.save()
         if self.disk is not None:
             self.disk.flush()
         if self.config.stats:
