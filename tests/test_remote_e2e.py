@@ -54,7 +54,8 @@ def test_psql_over_s3_through_delay(s3: S3Server, fixtures_dir: Path, run_root: 
         assert second.returncode == 0, second.stderr
         assert second.stdout.splitlines() == GOLDEN_ANSWERS[GOLDEN_B]
     assert (tmp_path / "cache" / "kloset-blocks").is_dir()  # on by default for a remote store
-    assert _fetched(second.stderr) < _fetched(first.stderr) / 10
+    # (the metadata preload is fetched again at each start: a few hundred KiB here)
+    assert _fetched(second.stderr) < _fetched(first.stderr) / 4
     assert proxy.stats()["bytes_down"] > 0  # the runs really went through the proxy
     assert s3.listing("e2e") == before
     assert not list(run_root.iterdir())
