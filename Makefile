@@ -2,13 +2,17 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: deps test demo bench lint clean
+.PHONY: deps test test-fast demo bench lint clean
 
 deps:
 	@bash scripts/deps.sh
 
 test: deps
 	$(PY) -m pytest -q
+
+# The quick loop: everything but the chains and Postgres starts.
+test-fast: deps
+	$(PY) -m pytest -q -m 'not slow'
 
 demo: deps
 	$(PY) -m kloset_blocks.demo
@@ -19,6 +23,7 @@ bench: deps
 lint: deps
 	$(VENV)/bin/ruff check kloset_blocks nbdplugin tests bench
 	$(VENV)/bin/ruff format --check kloset_blocks nbdplugin tests bench
+	$(VENV)/bin/mypy
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis .benchmarks

@@ -36,16 +36,17 @@ import nbd
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from kloset_blocks.app.sessions import pg_session
-
 from kloset_blocks import postgres
+from kloset_blocks.app.sessions import pg_session
+from kloset_blocks.app.teardown import teardown_run_dir
 from kloset_blocks.ext4.layout import ZERO
-from kloset_blocks.fuse.chain import FuseChain, expose_argv
-from kloset_blocks.fuse.mount import STATE_MOUNT, STATE_PROC
+from kloset_blocks.fuse.chain import ExposedImage, expose_argv
+from kloset_blocks.fuse.record import STATE_MOUNT, STATE_PROC
+from kloset_blocks.host.backing import NbdkitBacking
+from kloset_blocks.host.chain import Chain
 from kloset_blocks.host.procs import proc_record
 from kloset_blocks.host.progress import Progress
 from kloset_blocks.host.rundir import RunDir
-from kloset_blocks.host.teardown import teardown_run_dir
 from kloset_blocks.image.snapshot import ImageOptions, snapshot_image
 from kloset_blocks.serving.nbdkit import nbdkit_argv
 from kloset_blocks.store import open_store
@@ -285,9 +286,11 @@ def pg_overlayfs(store: str, snap: str, tmp: Path, settings: tuple[str, ...] = (
 def pg_chain(store: str, snap: str, tmp: Path, backend: str) -> dict[str, object]:
     t0 = time.monotonic()
     if backend == "nbd":
-        chain, server = pg_session(nbdkit_argv(store, snap, owner="postgres"), run_root=tmp / "runs")
+        chain, server = pg_session(
+            NbdkitBacking(*nbdkit_argv(store, snap, owner="postgres")), run_root=tmp / "runs"
+        )
     else:
-        chain = FuseChain(expose_argv(store, snap, owner="postgres"), run_root=tmp / "runs")
+        chain = Chain(ExposedImage(expose_argv(store, snap, owner="postgres")), run_root=tmp / "runs")
         chain.up()
         assert chain.run is not None and chain.mountpoint is not None
         server = start_pg(chain.run, chain.mountpoint)

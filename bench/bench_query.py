@@ -33,10 +33,10 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from kloset_blocks import postgres
+from kloset_blocks.app.teardown import teardown_run_dir
 from kloset_blocks.demo import sample
 from kloset_blocks.host.progress import Progress
 from kloset_blocks.host.rundir import RUN_ROOT_ENV, RunDir
-from kloset_blocks.host.teardown import teardown_run_dir
 from kloset_blocks.store import open_store
 from kloset_blocks.units import format_size
 from kloset_blocks.writer.store import add_snapshot, write_store

@@ -46,14 +46,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kloset_blocks.app.sessions import pg_session
-
 from kloset_blocks import postgres
 from kloset_blocks.app.check import prepare
+from kloset_blocks.app.sessions import pg_session
+from kloset_blocks.app.teardown import teardown_run_dir
 from kloset_blocks.demo import sample as pc
+from kloset_blocks.host.backing import NbdkitBacking
 from kloset_blocks.host.progress import Progress
 from kloset_blocks.host.rundir import RunDir
-from kloset_blocks.host.teardown import teardown_run_dir
 
 MiB = 1 << 20
 REPO = Path(__file__).resolve().parent.parent
@@ -165,9 +165,11 @@ def run_ours(b: Backup, work: Path, extra: tuple[str, ...] = (), kept: bool = Fa
     t0 = time.monotonic()
     served = prepare(f"fs:{b.store}", b.snap, pgdata=True, owner=postgres.PG_USER, progress=progress)
     argv = (
-        [f"stats={stats}" if a.startswith("stats=") else a for a in served.argv] + PLUGIN_ARGS + list(extra)
+        [f"stats={stats}" if a.startswith("stats=") else a for a in served.backing.argv]
+        + PLUGIN_ARGS
+        + list(extra)
     )
-    chain, server = pg_session((argv, served.env), overlay=ov, progress=progress)
+    chain, server = pg_session(NbdkitBacking(argv, served.backing.env), overlay=ov, progress=progress)
     try:
         answer = server.query(b.sql, "shop")
         seconds = time.monotonic() - t0
@@ -206,7 +208,7 @@ def run_ceiling(b: Backup, work: Path, kept: bool = False) -> Sample:
     argv = ["nbdkit", "--filter=stats", "file", f"file={b.image}", f"statsfile={stats}"]
     progress = Progress(quiet=True)
     t0 = time.monotonic()
-    chain, server = pg_session((argv, {}), overlay=ov, progress=progress)
+    chain, server = pg_session(NbdkitBacking(argv), overlay=ov, progress=progress)
     try:
         answer = server.query(b.sql, "shop")
         seconds = time.monotonic() - t0

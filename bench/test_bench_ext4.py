@@ -12,10 +12,10 @@ import pytest
 from kloset_blocks.ext4 import PlanOptions, plan
 from kloset_blocks.ext4.layout import BYTES
 from kloset_blocks.image.block import BlockImage
-from kloset_blocks.tree import Node
+from kloset_blocks.tree import Node, ReadIntoByCopy
 
 
-class SizedData:
+class SizedData(ReadIntoByCopy):
     """FileData of a given size; the planner never reads it."""
 
     __slots__ = ("size",)

@@ -15,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+from kloset_blocks.errors import CorruptionError
+
 
 class FileData(Protocol):
     """The bytes of one regular file, read by range."""
@@ -24,6 +26,28 @@ class FileData(Protocol):
     def read(self, offset: int, length: int) -> bytes:
         """Exactly `length` bytes at `offset`, for 0 <= offset <= offset + length <= size."""
         ...
+
+    def readinto(self, offset: int, out: memoryview) -> None:
+        """Fill `out` with the bytes at `offset` (the block image's hot path: no extra copy where
+        the data allows; ReadIntoByCopy gives it to a FileData that only has read())."""
+        ...
+
+
+class ReadIntoByCopy:
+    """readinto() for a FileData whose read() is all it has: one copy, the length checked."""
+
+    __slots__ = ()
+
+    def read(self, offset: int, length: int) -> bytes:
+        raise NotImplementedError
+
+    def readinto(self, offset: int, out: memoryview) -> None:
+        data = self.read(offset, len(out))
+        if len(data) != len(out):
+            raise CorruptionError(
+                f"file data returned {len(data)} bytes instead of {len(out)} at offset {offset}"
+            )
+        out[:] = data
 
 
 @dataclass(slots=True)
@@ -41,7 +65,7 @@ class Node:
 
 
 @dataclass(slots=True)
-class BytesData:
+class BytesData(ReadIntoByCopy):
     """FileData over bytes in memory: for tests and tiny generated files."""
 
     content: bytes

@@ -8,7 +8,8 @@
 #   python3 scripts/delayproxy.py --listen 127.0.0.1:0 --target 127.0.0.1:9000 --delay-ms 25 --rate-mbit 200
 #
 # Prints `listening HOST:PORT` on stdout once ready; at SIGTERM or SIGUSR1, the bytes, connections
-# and HTTP request lines carried so far as JSON to --stats FILE. Loopback only: it refuses any other listen or target address.
+# and HTTP request lines carried so far as JSON to --stats FILE. Loopback only: it refuses any other
+# listen or target address.
 from __future__ import annotations
 
 import argparse

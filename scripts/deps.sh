@@ -23,8 +23,8 @@ if ((${#missing[@]})); then
   [ "$(id -u)" = 0 ] || { echo "deps: need root to install: ${missing[*]}" >&2; exit 1; }
   echo "deps: installing ${missing[*]}" >&2
   export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
-  apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
+  apt-get -o DPkg::Lock::Timeout=600 update -qq
+  apt-get -o DPkg::Lock::Timeout=600 install -y -q --no-install-recommends "${missing[@]}" >/dev/null
   # Debian starts a default cluster and sshd on install; tests run their own.
   systemctl disable --now postgresql >/dev/null 2>&1 || true
   systemctl disable --now ssh >/dev/null 2>&1 || true

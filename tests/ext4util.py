@@ -11,9 +11,10 @@ from pathlib import Path
 from kloset_blocks.ext4 import Layout
 from kloset_blocks.ext4.layout import FILE, ZERO
 from kloset_blocks.image.block import BlockImage
+from kloset_blocks.tree import ReadIntoByCopy
 
 
-class PatternData:
+class PatternData(ReadIntoByCopy):
     """Deterministic pseudo-random-looking bytes of any size without holding them: block b (4 KiB) is
     a fixed 4 KiB base (from the seed) with its first 8 bytes replaced by b, little-endian."""
 

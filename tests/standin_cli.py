@@ -8,6 +8,7 @@ import sys
 
 from kloset_blocks import cli
 from kloset_blocks.app import check
+from kloset_blocks.host.backing import NbdkitBacking
 from kloset_blocks.serving import nbdkit
 
 
@@ -15,7 +16,7 @@ def main() -> int:
     image, args = sys.argv[1], sys.argv[2:]
     argv = ["nbdkit", "file", f"file={image}"]
     nbdkit.nbdkit_argv = lambda *a, **k: (argv, {})  # type: ignore[assignment]
-    check.prepare = lambda *a, **k: check.Served(argv, {})  # type: ignore[assignment]
+    check.prepare = lambda *a, **k: check.Served(NbdkitBacking(argv))  # type: ignore[assignment]
     return cli.main(args)
 
 

@@ -24,16 +24,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from kloset_blocks.app.sessions import pg_session
 
 from kloset_blocks import postgres
+from kloset_blocks.app.sessions import pg_session
+from kloset_blocks.app.teardown import teardown_all
 from kloset_blocks.demo import sample as pc
+from kloset_blocks.host.backing import NbdkitBacking
 from kloset_blocks.host.chain import Chain
 from kloset_blocks.host.mounts import loops_on
 from kloset_blocks.host.procs import proc_alive, processes_mentioning
 from kloset_blocks.host.progress import Progress
 from kloset_blocks.host.rundir import RUN_ROOT_ENV
-from kloset_blocks.host.teardown import teardown_all
 from kloset_blocks.host.tools import AttachError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -53,8 +54,8 @@ class Backup:
         self.image_nowal = work / "none.img"  # pg_basebackup -X none
         self.sha: dict[Path, str] = {}
 
-    def nbdkit(self, image: Path | None = None) -> tuple[list[str], dict[str, str]]:
-        return ["nbdkit", "file", f"file={image or self.image}"], {}
+    def backing(self, image: Path | None = None) -> NbdkitBacking:
+        return NbdkitBacking(["nbdkit", "file", f"file={image or self.image}"])
 
 
 def sha256(path: Path) -> str:
@@ -149,7 +150,7 @@ def run_cli(backup: Backup, *args: str, timeout: float = 60) -> subprocess.Compl
 
 def test_queries_equal_live_answers(backup: Backup, run_root: Path) -> None:
     t0 = time.monotonic()
-    chain, server = pg_session(backup.nbdkit(), progress=Progress(quiet=True))
+    chain, server = pg_session(backup.backing(), progress=Progress(quiet=True))
     try:
         first = server.query(*reversed(pc.LIVE_QUERIES["accounts"]))
         print(f"time to first query: {time.monotonic() - t0:.2f} s")
@@ -159,9 +160,10 @@ def test_queries_equal_live_answers(backup: Backup, run_root: Path) -> None:
         log = server.log.read_text()
         assert "redo starts at" in log and "consistent recovery state reached" in log
         # private socket: 0600 in a 0700 directory; Postgres has no TCP listener
-        assert chain.socket is not None
-        assert chain.socket.stat().st_mode & 0o777 == 0o600
-        assert chain.socket.parent.stat().st_mode & 0o777 == 0o700
+        sock = chain.backing.socket
+        assert sock is not None
+        assert sock.stat().st_mode & 0o777 == 0o600
+        assert sock.parent.stat().st_mode & 0o777 == 0o700
         assert server.query("show listen_addresses") == ""
         # writes land in the overlay
         server.query("create table scratch as select 1 as x", "shop")
@@ -174,7 +176,7 @@ def test_queries_equal_live_answers(backup: Backup, run_root: Path) -> None:
 
 
 def test_read_only_refuses_writes(backup: Backup, run_root: Path) -> None:
-    chain, server = pg_session(backup.nbdkit(), read_only=True)
+    chain, server = pg_session(backup.backing(), read_only=True)
     try:
         assert server.query(*reversed(pc.LIVE_QUERIES["items"])) == backup.live["items"]
         with pytest.raises(postgres.PgError, match="read-only transaction"):
@@ -187,19 +189,19 @@ def test_read_only_refuses_writes(backup: Backup, run_root: Path) -> None:
 
 def test_reused_overlay_starts_without_recovery(backup: Backup, run_root: Path, tmp_path: Path) -> None:
     overlay = tmp_path / "kept.qcow2"
-    chain, server = pg_session(backup.nbdkit(), overlay=overlay)
+    chain, server = pg_session(backup.backing(), overlay=overlay)
     try:
         server.query("insert into items values (1000, 'kept')", "shop")
-        first_socket = chain.socket
+        first_socket = chain.backing.socket
     finally:
         chain.teardown()
     assert overlay.is_file(), "a user-given overlay is kept"
     info = subprocess.run(["qemu-img", "info", "-U", str(overlay)], capture_output=True, text=True).stdout
     assert "cluster_size: 131072" in info and "extended l2: true" in info
 
-    chain, server = pg_session(backup.nbdkit(), overlay=overlay)
+    chain, server = pg_session(backup.backing(), overlay=overlay)
     try:
-        assert chain.socket != first_socket  # so the overlay had to be rebased onto the new socket
+        assert chain.backing.socket != first_socket  # so the overlay had to be rebased onto the new socket
         assert server.query("select name from items where id = 1000", "shop") == "kept"
         assert server.query(*reversed(pc.LIVE_QUERIES["accounts"])) == backup.live["accounts"]
         log = server.log.read_text()
@@ -215,7 +217,7 @@ def test_reused_overlay_starts_without_recovery(backup: Backup, run_root: Path, 
 
 def test_backup_without_wal_is_reported(backup: Backup, run_root: Path) -> None:
     with pytest.raises(postgres.NoWalError, match=r"no WAL.*-X fetch") as e:
-        pg_session(backup.nbdkit(backup.image_nowal))
+        pg_session(backup.backing(backup.image_nowal))
     assert "\n" not in str(e.value)
     assert list(run_root.iterdir()) == []
     assert sha256(backup.image_nowal) == backup.sha[backup.image_nowal]
@@ -234,7 +236,7 @@ def test_backup_without_wal_is_reported(backup: Backup, run_root: Path) -> None:
 def test_killing_a_process_mid_query_gives_an_error_and_down_cleans(
     backup: Backup, run_root: Path, victim: str, expected: str
 ) -> None:
-    chain, server = pg_session(backup.nbdkit())
+    chain, server = pg_session(backup.backing())
     state = snapshot_state(chain)
     pid = state["nbdkit"]["pid"] if victim == "nbdkit" else state["postgres"]["postmaster"]["pid"]
     # pg_sleep first, then a scan of pages nobody has read yet: nbdkit dies in between.
@@ -293,7 +295,7 @@ def test_failure_in_each_phase_leaves_nothing(
     etype: type[Exception],
     message: str,
 ) -> None:
-    argv, _ = backup.nbdkit()
+    argv = backup.backing().argv
     kw: dict[str, Any] = {}
     if fault == "missing-image":
         argv = ["nbdkit", "file", f"file={tmp_path / 'nope.img'}"]
@@ -309,9 +311,9 @@ def test_failure_in_each_phase_leaves_nothing(
 
     if phase == "start":
         with pytest.raises(etype, match=message) as e:
-            pg_session((argv, {}), settings=["no_such_setting=1"])
+            pg_session(NbdkitBacking(argv), settings=["no_such_setting=1"])
     else:
-        chain = Chain(argv, run_root=run_root, timeout=10, **kw)
+        chain = Chain(NbdkitBacking(argv), run_root=run_root, timeout=10, **kw)
         with pytest.raises(etype, match=message) as e:
             chain.up()
     assert "\n" not in str(e.value)
@@ -418,7 +420,7 @@ def test_zz_backing_images_unchanged(backup: Backup) -> None:
     ],
 )
 def test_child_env_applies_and_unsets(extra, present, absent) -> None:
-    from kloset_blocks.host.chain import child_env
+    from kloset_blocks.host.procs import child_env
 
     env = child_env(extra)
     if present is None:

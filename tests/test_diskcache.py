@@ -9,11 +9,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from store_helpers import enc_store, plain_store
 
 from kloset_blocks.serving.diskcache import MAGIC, DiskCache
 from kloset_blocks.store import Store
 from kloset_blocks.store import codec as c
+from tests.store_helpers import enc_store, plain_store
 
 
 def some_chunk_macs(store: Store, n: int) -> list[bytes]:
@@ -142,9 +142,8 @@ def test_stores_do_not_share_entries(tmp_path: Path) -> None:
 def test_metadata_reads_come_from_disk_the_second_time(tmp_path: Path) -> None:
     """wrap_store: a walk of a snapshot's tree and its chunk lists reads the store once; a second
     Store (a new process) with the same cache directory reads only the snapshot header."""
-    from store_helpers import PLAIN, SNAP_A_PLAIN
-
     from kloset_blocks.store import open_store
+    from tests.store_helpers import PLAIN, SNAP_A_PLAIN
 
     def walk(store: Store) -> list[tuple[bytes, int, list[bytes]]]:
         snap = store.open_snapshot(SNAP_A_PLAIN)

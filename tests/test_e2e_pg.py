@@ -35,7 +35,7 @@ from kloset_blocks.host.procs import proc_alive, processes_mentioning
 from kloset_blocks.host.rundir import RUN_ROOT_ENV
 from kloset_blocks.store import codec as c
 from kloset_blocks.store import open_store
-from kloset_blocks.store.config import KEY_ENV
+from kloset_blocks.store.passphrase import KEY_ENV
 from kloset_blocks.writer.store import add_snapshot, write_store
 from tests.conftest import FIXTURES, REPO
 
@@ -214,6 +214,15 @@ CASES = [
     ("B-plain", "plain", "B", "B", [], {}),
     ("A-encrypted-file", "enc", "Aenc", "A", ["--passphrase-file", "{pwfile}"], {}),
     ("A-encrypted-env", "enc", "Aenc", "A", [], {"PLAKAR_PASSPHRASE": PASSPHRASE}),
+    # A stale derived key in the shell is for no one: the explicit option wins (it used to be read).
+    (
+        "A-encrypted-file-stale-key",
+        "enc",
+        "Aenc",
+        "A",
+        ["--passphrase-file", "{pwfile}"],
+        {KEY_ENV: "00" * 32},
+    ),
 ]
 
 
@@ -354,6 +363,33 @@ def test_mount_then_down(stores: Stores, run_root: Path, tmp_path: Path) -> None
     assert down.returncode == 0, down.stderr
     assert not os.path.ismount(mnt) and list(mnt.iterdir()) == []
     assert_nothing_left(run_root, stores.plain)
+
+
+@pytest.mark.parametrize("backend", ["nbd", "fuse"])
+def test_mount_encrypted_with_passphrase_file(
+    stores: Stores, run_root: Path, tmp_path: Path, backend: str
+) -> None:
+    # --backend fuse used to ignore --passphrase-file ("store ... is encrypted: set PLAKAR_PASSPHRASE").
+    pwfile = tmp_path / "pw"
+    pwfile.write_text(PASSPHRASE + "\n")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    res = cli(
+        run_root, "mount", "--backend", backend, "--passphrase-file", str(pwfile),
+        str(stores.enc), stores.snaps["Aenc"][:8], str(mnt), "--path", "/global",
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    try:
+        assert (mnt / "pg_control").stat().st_size == 8192
+        started = processes_mentioning(str(run_root) + "/")
+        assert started  # nbdkit or expose, and qemu-storage-daemon
+        for rec in started:
+            for name in ("environ", "cmdline"):
+                assert PASSPHRASE.encode() not in Path(f"/proc/{rec['pid']}/{name}").read_bytes()
+    finally:
+        down = cli(run_root, "down")
+    assert down.returncode == 0, down.stderr
+    assert_nothing_left(run_root, stores.enc)
 
 
 # --- faults --------------------------------------------------------------------------------------------

@@ -12,7 +12,13 @@ from pathlib import Path
 
 import pytest
 from dissect.extfs.c_ext import c_ext
-from ext4util import (
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from kloset_blocks.ext4 import PlanOptions, plan
+from kloset_blocks.image.localtree import walk
+from kloset_blocks.tree import BytesData, Node
+from tests.ext4util import (
     PatternData,
     assert_fsck_clean,
     compare_tree,
@@ -22,12 +28,6 @@ from ext4util import (
     loop_mount,
     write_image,
 )
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
-from kloset_blocks.ext4 import PlanOptions, plan
-from kloset_blocks.image.localtree import walk
-from kloset_blocks.tree import BytesData, Node
 
 pytestmark = pytest.mark.root
 MiB = 1 << 20

@@ -30,7 +30,7 @@ from tests.store_helpers import ENC, PASSPHRASE, PLAIN, PYTHON, REPO, manifest, 
 from tests.writer_helpers import add_member
 
 SNAP_A = "bf6afbae"
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mount, losetup)")
+pytestmark = pytest.mark.root
 
 
 # ---------------------------------------------------------------- harness
@@ -494,9 +494,10 @@ def test_expose_refuses_a_bad_file(tmp_path: Path, kind: str) -> None:
 
 def test_postgres_on_qcow2_overlay_of_the_exposed_file(tmp_path: Path) -> None:
     from kloset_blocks import postgres
-    from kloset_blocks.fuse.chain import FuseChain, expose_argv
+    from kloset_blocks.fuse.chain import ExposedImage, expose_argv
+    from kloset_blocks.host.chain import Chain
 
-    chain = FuseChain(expose_argv(str(PLAIN), SNAP_A, owner="postgres"), run_root=tmp_path / "run")
+    chain = Chain(ExposedImage(expose_argv(str(PLAIN), SNAP_A, owner="postgres")), run_root=tmp_path / "run")
     try:
         chain.up()
         assert chain.run is not None and chain.mountpoint is not None and chain.overlay is not None

@@ -11,7 +11,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from ext4util import PatternData, assert_fsck_clean, file_sha256, loop_mount
 
 from kloset_blocks.cli import main
 from kloset_blocks.errors import CorruptionError, UsageError
@@ -19,6 +18,7 @@ from kloset_blocks.ext4 import PlanOptions, plan
 from kloset_blocks.ext4.layout import BYTES, FILE, ZERO
 from kloset_blocks.image.block import BlockImage
 from kloset_blocks.tree import BytesData, Node
+from tests.ext4util import PatternData, assert_fsck_clean, file_sha256, loop_mount
 
 MiB = 1 << 20
 

@@ -13,7 +13,7 @@ import pytest
 
 from kloset_blocks import postgres
 from kloset_blocks.errors import KlosetError, NotFound
-from kloset_blocks.host.chain import nbdkit_command, probe_nbd
+from kloset_blocks.host.backing import nbdkit_command, probe_nbd
 from kloset_blocks.host.procs import proc_alive, proc_record, proc_starttime, stop_process
 from kloset_blocks.host.progress import Progress
 from kloset_blocks.host.rundir import RunDir, list_run_dirs

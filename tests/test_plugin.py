@@ -16,6 +16,7 @@ import pytest
 from kloset_blocks.image.snapshot import chunk_macs
 from kloset_blocks.serving.server import Server
 from tests.conftest import REPO
+from tests.store_helpers import SNAP_A_PLAIN, SNAP_B_PLAIN
 
 PLUGIN = str(REPO / "nbdplugin" / "kloset.py")
 SNAP_A = "bf6afbae"
@@ -140,7 +141,8 @@ def test_list_exports_has_one_per_snapshot(store: Path) -> None:
     names: list[tuple[str, str]] = []
     h.opt_list(lambda name, description: names.append((name, description)) or 0)
     h.opt_abort()
-    assert sorted(n for n, _ in names) == sorted([SNAP_A, SNAP_B])
+    # Named by the full snapshot id; the 8-hex short id is an alias of the same export.
+    assert sorted(n for n, _ in names) == sorted([SNAP_A_PLAIN, SNAP_B_PLAIN])
     assert all("snapshot" in d for _, d in names)
 
 

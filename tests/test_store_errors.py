@@ -18,9 +18,10 @@ from kloset_blocks.errors import (
     StoreError,
     UnsupportedVersion,
 )
+from kloset_blocks.serving.server import PluginConfig
+from kloset_blocks.store import Store, open_store
 from kloset_blocks.store import codec as c
-from kloset_blocks.store import open_store
-from kloset_blocks.store.config import KEY_ENV
+from kloset_blocks.store.passphrase import KEY_ENV, passphrase_source
 from tests.store_helpers import (
     ENC,
     PASSPHRASE,
@@ -70,55 +71,99 @@ def test_relative_location(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_passphrase_sources(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The edges' precedence rule: an explicit spec, then $PLAKAR_PASSPHRASE, then a prompt.
     good = tmp_path / "good"
     good.write_bytes(PASSPHRASE.encode() + b"\n")
     bad = tmp_path / "bad"
     bad.write_bytes(b"incorrect\n")
     monkeypatch.delenv("PLAKAR_PASSPHRASE", raising=False)
     monkeypatch.setattr("sys.stdin.isatty", lambda: False, raising=False)
-    assert open_store(str(ENC), f"+{good}").find_snapshot("").id.hex() == SNAP_A_ENC
+
+    def opened(spec: str | None) -> Store:
+        return open_store(str(ENC), passphrase_source(spec, str(ENC)))
+
+    assert opened(f"+{good}").find_snapshot("").id.hex() == SNAP_A_ENC
     with pytest.raises(PassphraseError, match=f"wrong passphrase for store {ENC}"):
-        open_store(str(ENC), f"+{bad}")
+        opened(f"+{bad}")
     with pytest.raises(PassphraseError, match="cannot read passphrase file"):
-        open_store(str(ENC), f"+{tmp_path / 'missing'}")
+        opened(f"+{tmp_path / 'missing'}")
     with pytest.raises(PassphraseError, match="PLAKAR_PASSPHRASE"):
-        open_store(str(ENC))
+        opened(None)
     monkeypatch.setenv("PLAKAR_PASSPHRASE", "wrong")
     with pytest.raises(PassphraseError, match="wrong passphrase"):
-        open_store(str(ENC))
+        opened(None)
+    with pytest.raises(PassphraseError, match="wrong passphrase"):  # the file wins over the environment
+        opened(f"+{bad}")
+
     # A plaintext store never asks.
-    assert open_store(str(PLAIN)).encrypted is False
+    def never() -> bytes:
+        raise AssertionError("asked for a passphrase")
+
+    assert open_store(str(PLAIN), never).encrypted is False
 
 
-def test_derived_key_from_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # What `kloset-blocks psql` hands the nbdkit it starts: the key derived once, not the passphrase.
+@pytest.fixture(scope="module")
+def enc_key() -> bytes:
     with open_store(str(ENC), PASSPHRASE) as st:
-        key = st.codec.key
-    assert key is not None
-    monkeypatch.delenv("PLAKAR_PASSPHRASE", raising=False)
-    monkeypatch.setattr("sys.stdin.isatty", lambda: False, raising=False)
-    monkeypatch.setenv(KEY_ENV, key.hex())
+        assert st.codec.key is not None
+        return st.codec.key
 
+
+def test_store_opens_from_a_derived_key(enc_key: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
+    # What `kloset-blocks psql` hands the nbdkit it starts: the key derived once, not the passphrase.
     def no_kdf(*args: object) -> bytes:
         raise AssertionError("the key was derived again")
 
     monkeypatch.setattr(c, "derive_key", no_kdf)
-    with open_store(str(ENC)) as st:
+    with open_store(str(ENC), key=enc_key) as st:
         assert st.find_snapshot("").id.hex() == SNAP_A_ENC
-        assert st.codec.key == key
-    monkeypatch.undo()
-    monkeypatch.setattr("sys.stdin.isatty", lambda: False, raising=False)
-    monkeypatch.delenv("PLAKAR_PASSPHRASE", raising=False)
-    bad_keys = [("00" * 32, "does not open store"), ("zz", "is not a hex key"), ("00", "does not open")]
-    for value, message in bad_keys:
-        monkeypatch.setenv(KEY_ENV, value)
-        with pytest.raises(PassphraseError, match=message):
-            open_store(str(ENC))
-    # An explicit passphrase wins over the environment's key.
-    good = tmp_path / "good"
-    good.write_bytes(PASSPHRASE.encode())
-    with open_store(str(ENC), f"+{good}") as st:
-        assert st.find_snapshot("").id.hex() == SNAP_A_ENC
+        assert st.codec.key == enc_key
+    for bad in (bytes(32), b"\0"):
+        with pytest.raises(PassphraseError, match="the key given does not open store"):
+            open_store(str(ENC), key=bad)
+    # The reader reads no environment: a key there is for the plugin's edge only.
+    monkeypatch.setenv(KEY_ENV, enc_key.hex())
+    with pytest.raises(PassphraseError, match="is encrypted: no passphrase given"):
+        open_store(str(ENC))
+
+
+@pytest.mark.parametrize(
+    ("passphrase", "key_env", "env_key", "expect"),
+    [
+        (None, True, "KEY", "key"),  # nbdkit started by kloset-blocks: the key it was handed
+        ("+FILE", True, "KEY", "passphrase"),  # an explicit passphrase= wins over it
+        (None, False, "KEY", "passphrase"),  # `expose` without --key-from-env ignores a stale one
+        (None, True, None, "passphrase"),  # no key handed: $PLAKAR_PASSPHRASE, then a prompt
+    ],
+)
+def test_plugin_secret_precedence(
+    enc_key: bytes,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    passphrase: str | None,
+    key_env: bool,
+    env_key: str | None,
+    expect: str,
+) -> None:
+    pw = tmp_path / "pw"
+    pw.write_text(PASSPHRASE)
+    if env_key:
+        monkeypatch.setenv(KEY_ENV, enc_key.hex())
+    else:
+        monkeypatch.delenv(KEY_ENV, raising=False)
+    monkeypatch.setenv("PLAKAR_PASSPHRASE", PASSPHRASE)
+    spec = passphrase.replace("FILE", str(pw)) if passphrase else None
+    secret, key = PluginConfig(store=str(ENC), passphrase=spec, key_env=key_env).secret()
+    if expect == "key":
+        assert (secret, key) == (None, enc_key)
+    else:
+        assert key is None and callable(secret) and secret() == PASSPHRASE.encode()
+
+
+def test_malformed_key_in_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(KEY_ENV, "zz")
+    with pytest.raises(PassphraseError, match="is not a hex key"):
+        PluginConfig(store=str(ENC)).secret()
 
 
 def _patch_config_version(store: Path, version: int) -> None:

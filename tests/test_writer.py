@@ -11,7 +11,6 @@ import struct
 from pathlib import Path
 
 import pytest
-from writer_helpers import CHEAP_KDF, TINY_CHUNKS, make_tree, rand_bytes, source_view, store_view
 
 from kloset_blocks.errors import KlosetError, PassphraseError, UsageError
 from kloset_blocks.store import codec as C
@@ -19,6 +18,7 @@ from kloset_blocks.store import open_store
 from kloset_blocks.writer.chunker import entropy, iter_chunks, mac_hasher
 from kloset_blocks.writer.pack import iter_state_locations
 from kloset_blocks.writer.store import add_snapshot, open_existing, write_store
+from tests.writer_helpers import CHEAP_KDF, TINY_CHUNKS, make_tree, rand_bytes, source_view, store_view
 
 PASS = b"correct horse"
 

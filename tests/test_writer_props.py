@@ -13,10 +13,10 @@ from pathlib import Path
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from writer_helpers import TINY_CHUNKS, make_tree, rand_bytes, source_view, store_view
 
 from kloset_blocks.store import open_store
 from kloset_blocks.writer.store import write_store
+from tests.writer_helpers import TINY_CHUNKS, make_tree, rand_bytes, source_view, store_view
 
 NAME = st.binary(min_size=1, max_size=12).filter(
     lambda b: b"/" not in b and b"\0" not in b and b not in (b".", b"..")

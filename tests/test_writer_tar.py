@@ -12,13 +12,13 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from writer_helpers import TINY_CHUNKS, make_tree, rand_bytes, store_view
 
 from kloset_blocks.store import codec as C
 from kloset_blocks.store import open_store
 from kloset_blocks.store.gomode import MODE_DIR, MODE_NAMED_PIPE, MODE_SYMLINK
 from kloset_blocks.writer.source import clean, go_base
 from kloset_blocks.writer.store import write_store
+from tests.writer_helpers import TINY_CHUNKS, make_tree, rand_bytes, store_view
 
 REPO = Path(__file__).resolve().parent.parent
 GOLDEN_A = "bf6afbaef15411cad49bd0cb276075c35b157f0d9b2ac15c9fad05e346641a7c"

@@ -5,12 +5,12 @@
 # - The store is opened in this process once: the snapshots are chosen (ids, dates), and each one is
 #   checked before anything starts for it (a PostgreSQL data directory, a server installed for its
 #   major), so those mistakes cost nothing and name the snapshot.
-# - ONE nbdkit serves the whole run (lazy=true: every snapshot is an export named by its 8-hex id,
-#   built on first open), so all snapshots share one decoded-chunk cache: chunks common to several
-#   snapshots (most of them) are fetched and decoded once. With --cache-dir the plugin keeps a
-#   persistent second tier on disk (diskcache.py).
-# - Per snapshot, the usual chain minus its own nbdkit (ExportChain: qcow2 overlay on
-#   nbd+unix:///ID?socket=..., FUSE export, loop, mount), Postgres read-only on the mounted data
+# - ONE nbdkit serves the whole run (a StandaloneServer; lazy=true: every snapshot is an export
+#   named by its full id, built on first open), so all snapshots share one decoded-chunk cache:
+#   chunks common to several snapshots (most of them) are fetched and decoded once. With
+#   --cache-dir the plugin keeps a persistent second tier on disk (serving/diskcache.py).
+# - Per snapshot, a chain whose backing is its export of that nbdkit (SharedExport: qcow2 overlay
+#   on nbd+unix:///ID?socket=..., FUSE export, loop, mount), Postgres read-only on the mounted data
 #   directory, `psql --csv` with a random NULL marker (so NULL and '' stay distinct), then teardown.
 #   Up to --jobs snapshots run at once, each in its own run directory (overlay, mount, socket
 #   directory), so ports never clash: Postgres listens only on a private Unix socket.
@@ -29,7 +29,6 @@ import contextlib
 import csv
 import io
 import json
-import os
 import secrets
 import shutil
 import subprocess
@@ -44,14 +43,14 @@ from pathlib import Path
 from typing import Any
 
 from kloset_blocks import postgres
+from kloset_blocks.app.check import check_snapshot, open_checked_store
 from kloset_blocks.errors import KlosetError, UsageError
+from kloset_blocks.host.backing import NbdkitBacking, SharedExport, StandaloneServer
 from kloset_blocks.host.chain import Chain
 from kloset_blocks.host.progress import Progress
-from kloset_blocks.host.rundir import RunDir
 from kloset_blocks.host.signals import signals_unwind
-
-STATS_NAME = "nbdkit-stats.json"
-
+from kloset_blocks.serving.nbdkit import STATS_FILE
+from kloset_blocks.store import SnapshotInfo, Store
 
 STATUS_ROWS, STATUS_EMPTY, STATUS_ERROR = "rows", "no rows", "error"
 
@@ -79,12 +78,12 @@ def parse_when(text: str, *, end: bool = False) -> datetime:
 
 
 def select_snapshots(
-    store: Any,
+    store: Store,
     spec: str = "all",
     since: str | None = None,
     until: str | None = None,
     oldest_first: bool = False,
-) -> list[Any]:
+) -> list[SnapshotInfo]:
     """SnapshotInfos, newest first (or oldest first): `all` or comma-separated id prefixes, then
     filtered by the --since/--until bounds (inclusive)."""
     if spec.strip().lower() in ("", "all"):
@@ -114,7 +113,7 @@ def select_snapshots(
 
 @dataclass
 class Result:
-    info: Any  # SnapshotInfo
+    info: SnapshotInfo
     columns: list[str] = field(default_factory=list)
     rows: list[list[str | None]] = field(default_factory=list)
     error: str | None = None
@@ -156,44 +155,6 @@ def parse_csv(text: str, null: str) -> tuple[list[str], list[list[str | None]]]:
     return columns, [[None if v == null else v for v in row] for row in rows]
 
 
-# --- the chains ----------------------------------------------------------------------------------
-
-
-class ServeOnly(Chain):
-    """Only the serve phase of a chain: the shared nbdkit in its own run directory (recorded there,
-    so `kloset-blocks down` stops it too)."""
-
-    def up(self) -> ServeOnly:
-        self.run = RunDir.create(self.run_root)
-        try:
-            self.run.record(query_server=True)
-            with self.progress.phase("serve"):
-                self._serve()
-        except BaseException:
-            self.teardown()
-            raise
-        return self
-
-
-class ExportChain(Chain):
-    """A chain whose backing is one export of an nbdkit that someone else runs (ServeOnly)."""
-
-    def __init__(self, socket: Path, export: str, **kw: Any) -> None:
-        super().__init__([], **kw)
-        self.shared_socket = socket
-        self.export = export
-
-    @property
-    def uri(self) -> str:
-        return f"nbd+unix:///{self.export}?socket={self.shared_socket}"
-
-    def _serve(self) -> None:
-        # Nothing to start: the export is served already. Recorded for the curious only; teardown
-        # stops nothing it did not start.
-        self.socket = self.shared_socket
-        self._run().record(shared_socket=str(self.shared_socket), export=self.export)
-
-
 # --- one run -------------------------------------------------------------------------------------
 
 
@@ -215,8 +176,8 @@ class QueryRun:
     def __init__(
         self,
         location: str,
-        store: Any,
-        infos: Sequence[Any],
+        store: Store,
+        infos: Sequence[SnapshotInfo],
         options: QueryOptions,
         *,
         progress: Progress | None = None,
@@ -238,12 +199,12 @@ class QueryRun:
         self._cancelled = threading.Event()
         self._printed = 0
         self._tmp: Path | None = None
-        self.server: ServeOnly | None = None
+        self.server: StandaloneServer | None = None
 
     @property
     def stats_path(self) -> Path:
         assert self._tmp is not None
-        return self._tmp / STATS_NAME
+        return self._tmp / STATS_FILE
 
     # ---- the whole run ---------------------------------------------------------------------------
 
@@ -285,8 +246,7 @@ class QueryRun:
 
     def _start_server(self) -> None:
         argv, env = self.nbdkit()
-        self.server = ServeOnly(argv, env=env, run_root=self.options.run_root, progress=Progress(quiet=True))
-        self.server.up()
+        self.server = StandaloneServer(NbdkitBacking(argv, env), run_root=self.options.run_root).up()
 
     def _run_all(self) -> None:
         jobs = max(1, min(self.options.jobs, len(self.infos)))
@@ -342,12 +302,12 @@ class QueryRun:
         result.seconds = time.monotonic() - t0
         return result
 
-    def _one(self, info: Any, result: Result) -> None:
+    def _one(self, info: SnapshotInfo, result: Result) -> None:
         self._check(info)
-        assert self.server is not None and self.server.socket is not None
+        assert self.server is not None
         progress = Progress(quiet=True)
-        chain = ExportChain(
-            self.server.socket, info.short_id, run_root=self.options.run_root, progress=progress
+        chain = Chain(
+            SharedExport(self.server.socket, info.hex_id), run_root=self.options.run_root, progress=progress
         )
         with self._chains_lock:
             self._chains.add(chain)
@@ -374,14 +334,11 @@ class QueryRun:
                 result.fetched = max(0, after - before)
             result.times = dict(progress.times)
 
-    def _check(self, info: Any) -> None:
+    def _check(self, info: SnapshotInfo) -> None:
         """Before anything starts: a data directory, and a server for its major version."""
-        from kloset_blocks.app.check import _check_root
+        check_snapshot(self.store.open_snapshot(info.hex_id), pgdata=True)
 
-        snapshot = self.store.open_snapshot(info.hex_id)
-        _check_root(snapshot, None, True)
-
-    def _diagnose(self, info: Any, error: KlosetError) -> KlosetError:
+    def _diagnose(self, info: SnapshotInfo, error: KlosetError) -> KlosetError:
         """The chain failed to come up. If the export itself cannot be built (damaged metadata),
         nbdkit only said "export not available": say what is wrong, in the store's own words."""
         from kloset_blocks.image.snapshot import ImageOptions, snapshot_image
@@ -396,15 +353,7 @@ class QueryRun:
 
     def _start_postgres(self, chain: Chain, progress: Progress) -> postgres.Server:
         assert chain.mountpoint is not None and chain.run is not None
-        with progress.phase("prepare"):
-            cluster = postgres.locate(chain.mountpoint)
-            uid, gid = postgres.pg_ids()
-            postgres.ensure_traversable(chain.mountpoint, cluster.datadir, uid)
-            postgres.fix_ownership(cluster.datadir, uid, gid)
-            postgres.prepare_datadir(cluster.datadir, progress)
-        server = postgres.Server(chain.run, cluster, read_only=True, progress=progress)
-        server.start()
-        return server
+        return postgres.start_server(chain.run, chain.mountpoint, read_only=True, progress=progress)
 
     def _query(self, server: postgres.Server) -> tuple[list[str], list[list[str | None]]]:
         args = ["-X", "-q", "--csv", "-P", f"null={self.null}", "-v", "ON_ERROR_STOP=1"]
@@ -446,24 +395,7 @@ class QueryRun:
 
 
 @contextlib.contextmanager
-def opened_store(location: str, passphrase_file: str | None) -> Iterator[Any]:
+def opened_store(location: str, passphrase_file: str | None) -> Iterator[Store]:
     """The store, opened here (the prompt, if any, happens now; nbdkit gets the key derived here)."""
-    from kloset_blocks.app.check import PASSPHRASE_ENV, passphrase_for
-    from kloset_blocks.store import open_store
-
-    secret = passphrase_for(location, passphrase_file)
-    old = os.environ.get(PASSPHRASE_ENV)
-    if secret is not None:
-        os.environ[PASSPHRASE_ENV] = secret  # open_store's path for it, as the plugin's
-    try:
-        store = open_store(location)
-    finally:
-        if secret is not None:
-            if old is None:
-                os.environ.pop(PASSPHRASE_ENV, None)
-            else:
-                os.environ[PASSPHRASE_ENV] = old
-    try:
+    with open_checked_store(location, passphrase_file) as store:
         yield store
-    finally:
-        store.close()

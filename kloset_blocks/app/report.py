@@ -7,7 +7,7 @@ import csv
 import json
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TextIO
 
 from kloset_blocks.app.query import STATUS_EMPTY, STATUS_ERROR, STATUS_ROWS, QueryRun, Result
 from kloset_blocks.units import format_size
@@ -35,7 +35,9 @@ class Printer:
     """Prints each result as it is ready: table (human), csv (snapshot, date, columns...), or json
     (one document at the end)."""
 
-    def __init__(self, fmt: str, out: Any = None, err: Any = None, quiet: bool = False) -> None:
+    def __init__(
+        self, fmt: str, out: TextIO | None = None, err: TextIO | None = None, quiet: bool = False
+    ) -> None:
         self.fmt = fmt
         self.out = out or sys.stdout
         self.err = err or sys.stderr

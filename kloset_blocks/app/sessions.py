@@ -15,17 +15,16 @@ from pathlib import Path
 from typing import Any
 
 from kloset_blocks import postgres
+from kloset_blocks.app.teardown import teardown_run_dir
+from kloset_blocks.host.backing import Backing
 from kloset_blocks.host.chain import Chain
 from kloset_blocks.host.progress import Progress
 from kloset_blocks.host.rundir import RunDir, list_run_dirs
 from kloset_blocks.host.signals import sigint_ignored, signals_unwind
-from kloset_blocks.host.teardown import teardown_run_dir
-
-Nbdkit = tuple[Sequence[str], Mapping[str, str | None]]  # argv, environment changes (None unsets)
 
 
 def mount_session(
-    nbdkit: Nbdkit,
+    backing: Backing,
     mountpoint: Path | str,
     *,
     overlay: Path | str | None = None,
@@ -34,21 +33,14 @@ def mount_session(
     state: Mapping[str, Any] | None = None,
 ) -> Chain:
     """Bring the chain up on a user's mountpoint and leave it running."""
-    argv, env = nbdkit
     with signals_unwind():
         return Chain(
-            argv,
-            env=env,
-            mountpoint=mountpoint,
-            overlay=overlay,
-            progress=progress,
-            run_root=run_root,
-            state=state,
+            backing, mountpoint=mountpoint, overlay=overlay, progress=progress, run_root=run_root, state=state
         ).up()
 
 
 def pg_session(
-    nbdkit: Nbdkit,
+    backing: Backing,
     *,
     read_only: bool = False,
     overlay: Path | str | None = None,
@@ -59,26 +51,16 @@ def pg_session(
 ) -> tuple[Chain, postgres.Server]:
     """Chain + Postgres on its data directory, ready for queries. On any failure (or signal) before
     it is ready, everything started is torn down and the error propagates."""
-    argv, env = nbdkit
     progress = progress or Progress(quiet=True)
     t0 = time.monotonic()
     with signals_unwind():
-        chain = Chain(argv, env=env, overlay=overlay, progress=progress, run_root=run_root, state=state)
+        chain = Chain(backing, overlay=overlay, progress=progress, run_root=run_root, state=state)
         try:
             chain.up()
             assert chain.mountpoint is not None and chain.run is not None
-            with progress.phase("prepare"):
-                cluster = postgres.locate(chain.mountpoint)
-                uid, gid = postgres.pg_ids()
-                postgres.ensure_traversable(chain.mountpoint, cluster.datadir, uid)
-                changed = postgres.fix_ownership(cluster.datadir, uid, gid)
-                postgres.prepare_datadir(cluster.datadir, progress)
-            if changed:
-                progress.say(f"gave {changed} inode(s) to the postgres user (in the overlay)")
-            server = postgres.Server(
-                chain.run, cluster, read_only=read_only, progress=progress, settings=settings
+            server = postgres.start_server(
+                chain.run, chain.mountpoint, read_only=read_only, progress=progress, settings=settings
             )
-            server.start()
         except BaseException:
             chain.teardown()
             raise
@@ -87,7 +69,7 @@ def pg_session(
 
 
 def psql_session(
-    nbdkit: Nbdkit,
+    backing: Backing,
     psql_args: Sequence[str],
     *,
     read_only: bool = False,
@@ -98,7 +80,7 @@ def psql_session(
 ) -> int:
     """pg_session, then psql with the user's arguments on the terminal, then teardown."""
     chain, server = pg_session(
-        nbdkit, read_only=read_only, overlay=overlay, progress=progress, run_root=run_root, state=state
+        backing, read_only=read_only, overlay=overlay, progress=progress, run_root=run_root, state=state
     )
     with signals_unwind():
         try:

@@ -5,7 +5,8 @@
 # - browse STORE SNAP DIR: DIR (created if missing) shows the snapshot's files, read-only.
 # Both serve in the foreground until Ctrl-C/SIGTERM (then unmount), or with --daemon detach once
 # mounted and print how to stop them; `kloset-blocks down` stops them too.
-# Secrets: --passphrase-file FILE, else $PLAKAR_PASSPHRASE, else a prompt; never in argv.
+# Secrets: --passphrase-file FILE, else $PLAKAR_PASSPHRASE, else a prompt; never in argv. A key
+# derived by a parent is used only when the parent says so (--key-from-env, internal).
 from __future__ import annotations
 
 import argparse
@@ -71,6 +72,7 @@ def cmd_expose(args: argparse.Namespace) -> int:
         cache=args.cache,
         readahead=args.readahead,
         passphrase=_passphrase_spec(args),
+        key_env=args.key_from_env,
     )
     if args.pgdata and args.path:
         raise UsageError("give either --path or --pgdata, not both")
@@ -160,6 +162,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--owner", metavar="USER", help="give every inode to USER (default: postgres for PGDATA)")
     p.add_argument("--free", type=parse_size, metavar="SIZE", help="virtual free space in the image")
     p.add_argument("--label", help="ext4 volume label")
+    # Internal: the key its parent derived is in $KLOSET_BLOCKS_STORE_KEY (fuse.chain.ExposedImage).
+    p.add_argument("--key-from-env", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(handler=cmd_expose)
 
     p = subparsers.add_parser(

@@ -50,6 +50,15 @@ def image_options(args: argparse.Namespace) -> ImageOptions:
 
 
 def run(args: argparse.Namespace) -> int:
+    from kloset_blocks.errors import LayoutError
+
+    try:
+        return _run(args)
+    except LayoutError as e:  # the planner names its option; a user gives it as a flag
+        raise LayoutError(str(e).replace("on_bad_name='skip'", "--on-bad-name skip")) from None
+
+
+def _run(args: argparse.Namespace) -> int:
     options = image_options(args)
     if args.from_dir is not None:
         if len(args.args) != 1:
@@ -59,11 +68,10 @@ def run(args: argparse.Namespace) -> int:
     else:
         if len(args.args) != 3:
             raise UsageError("usage: kloset-blocks image STORE SNAP OUT.img")
-        from kloset_blocks.store import open_store
+        from kloset_blocks.app.check import open_checked_store
 
         store_loc, snap_prefix, out = args.args
-        passphrase = "+" + args.passphrase_file if args.passphrase_file else None
-        snapshot = open_store(store_loc, passphrase).open_snapshot(snap_prefix)
+        snapshot = open_checked_store(store_loc, args.passphrase_file).open_snapshot(snap_prefix)
         image, root = snapshot_image(snapshot, options)
     layout = image.layout
     for w in layout.warnings:

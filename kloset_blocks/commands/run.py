@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Any
+from typing import TYPE_CHECKING
 
 from kloset_blocks import postgres
 from kloset_blocks.app.sessions import mount_session, pg_session, psql_session, stop_sessions
+from kloset_blocks.app.teardown import teardown_all
+
+if TYPE_CHECKING:
+    from kloset_blocks.app.check import Served
 from kloset_blocks.errors import UsageError
 from kloset_blocks.host.progress import Progress
-from kloset_blocks.host.teardown import teardown_all
 
 
 def require_root() -> None:
@@ -20,10 +23,7 @@ def require_root() -> None:
         raise UsageError("must run as root (mount, losetup and the FUSE export need it)")
 
 
-# --- CLI -----------------------------------------------------------------------------------------
-
-
-def _served(args: argparse.Namespace, progress: Progress, *, pgdata: bool) -> Any:
+def _served(args: argparse.Namespace, progress: Progress, *, pgdata: bool, backend: str = "nbd") -> Served:
     """check.prepare for the command's arguments (looked up at call time: tests swap it)."""
     from kloset_blocks.app import check
 
@@ -35,35 +35,24 @@ def _served(args: argparse.Namespace, progress: Progress, *, pgdata: bool) -> An
         owner=postgres.PG_USER if pgdata else None,
         passphrase_file=args.passphrase_file,
         progress=progress,
+        backend=backend,
     )
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
     require_root()
     progress = Progress(args.quiet)
-    if _fuse_backend(args):  # hook: the exposed image file as the backing (kloset_blocks.fuse, issue 7)
-        from kloset_blocks.fuse.chain import fuse_mount_session
-
-        chain = fuse_mount_session(
-            args.store,
-            args.snapshot,
-            args.mountpoint,
-            path=args.path,
-            overlay=args.overlay,
-            progress=progress,
-        )
-    else:
-        served = _served(args, progress, pgdata=False)
-        chain = mount_session(
-            served.nbdkit, args.mountpoint, overlay=args.overlay, progress=progress, state=served.state()
-        )
+    served = _served(args, progress, pgdata=False, backend="fuse" if _fuse_backend(args) else "nbd")
+    chain = mount_session(
+        served.backing, args.mountpoint, overlay=args.overlay, progress=progress, state=served.state()
+    )
     assert chain.run is not None
     progress.say(f"mounted on {chain.mountpoint} (run {chain.run.id}); `kloset-blocks down` to undo")
     return 0
 
 
 def _fuse_backend(args: argparse.Namespace) -> bool:
-    # --- hook (issue 7): `--backend fuse`, or `auto` where nbdkit is not installed ---
+    """`--backend fuse`, or `auto` where nbdkit is not installed."""
     import shutil
 
     return args.backend == "fuse" or (args.backend == "auto" and shutil.which("nbdkit") is None)
@@ -74,7 +63,7 @@ def cmd_pg_start(args: argparse.Namespace) -> int:
     progress = Progress(args.quiet)
     served = _served(args, progress, pgdata=True)
     chain, server = pg_session(
-        served.nbdkit,
+        served.backing,
         read_only=args.read_only,
         overlay=args.overlay,
         progress=progress,
@@ -100,7 +89,7 @@ def cmd_psql(args: argparse.Namespace) -> int:
     progress = Progress(args.quiet)
     served = _served(args, progress, pgdata=True)
     return psql_session(
-        served.nbdkit,
+        served.backing,
         psql_args,
         read_only=args.read_only,
         overlay=args.overlay,

@@ -20,8 +20,9 @@ import sys
 import time
 from concurrent.futures import Future
 
+from kloset_blocks.app.check import open_checked_store
 from kloset_blocks.errors import KlosetError, NotFound, UsageError
-from kloset_blocks.store import Entry, Snapshot, Store, open_store
+from kloset_blocks.store import Entry, Snapshot, Store
 from kloset_blocks.store.snapshot import SnapshotFile, clean_path
 from kloset_blocks.units import format_size
 
@@ -59,8 +60,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _open(args: argparse.Namespace) -> Store:
-    spec = f"+{args.passphrase_file}" if args.passphrase_file else None
-    return open_store(args.store, spec)
+    return open_checked_store(args.store, args.passphrase_file)
 
 
 def split_target(target: str) -> tuple[str, str | None]:

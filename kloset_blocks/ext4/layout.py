@@ -175,7 +175,7 @@ class _Tree:
         full = self.prefix + rel if rel else self.root
         msg = f"cannot represent {full!r} in ext4: {why}"
         if self.opts.on_bad_name != "skip":
-            raise LayoutError(msg + " (use --on-bad-name skip to leave it out)")
+            raise LayoutError(msg + " (on_bad_name='skip' leaves it out)")
         self.warnings.append(msg + "; skipped")
 
     def _resolve_parents(self) -> list[int]:

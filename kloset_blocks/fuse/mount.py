@@ -20,13 +20,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import os
 import shutil
 import signal
-import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -35,23 +32,16 @@ import pyfuse3
 import trio
 
 from kloset_blocks.errors import KlosetError, UsageError
-from kloset_blocks.host.procs import proc_record, stop_process
-from kloset_blocks.host.rundir import RunDir
-from kloset_blocks.host.signals import signals_unwind
-
-# Keys of the run directory's state.json (see kloset_blocks.host.teardown.teardown_run_dir).
-STATE_PROC = "fuse_view"
-STATE_MOUNT = "fuse_view_mount"
-STATE_KIND = "fuse_view_kind"
+from kloset_blocks.fuse.record import STATE_KIND, STATE_MOUNT, STATE_PROC, FuseViewError
+from kloset_blocks.host.mounts import is_mounted
+from kloset_blocks.host.procs import proc_record
+from kloset_blocks.host.rundir import LOCK_FILE, RunDir, locked
+from kloset_blocks.host.signals import signals_blocked, signals_unwind
 
 # Attributes and names never change while mounted: let the kernel cache them for long.
 CACHE_TIMEOUT = 3600.0
 MAX_TASKS = 32  # concurrent FUSE requests in flight (each read may wait on a chunk fetch)
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-
-
-class FuseViewError(KlosetError):
-    """A FUSE view could not be mounted or served."""
 
 
 def log(msg: str) -> None:
@@ -168,19 +158,6 @@ async def _stop_on_signal() -> None:
             return
 
 
-def is_mounted(path: Path | str) -> bool:
-    target = str(path)
-    with open("/proc/mounts") as f:
-        return any(line.split()[1].encode().decode("unicode_escape") == target for line in f if line.strip())
-
-
-def unmount_lazily(path: Path | str) -> None:
-    """A view that died leaves "Transport endpoint is not connected" behind: detach it."""
-    if is_mounted(path):
-        argv = ["umount", "-l", str(path)] if os.geteuid() == 0 else ["fusermount3", "-u", "-z", str(path)]
-        subprocess.run(argv, capture_output=True, stdin=subprocess.DEVNULL, check=False)
-
-
 def run_view(
     build: Callable[[], ReadOnlyOps],
     mountpoint: Path,
@@ -234,7 +211,7 @@ def _run(
             ready(f"{kind}: {describe(ops)} on {mountpoint} (pid {os.getpid()}); {stop}", run)
             trio.run(_serve)
         finally:
-            with signals_blocked_quietly():
+            with signals_blocked():
                 if mounted:
                     pyfuse3.close(unmount=True)
                 ops.close()
@@ -243,31 +220,12 @@ def _run(
     return 0
 
 
-@contextlib.contextmanager
-def signals_blocked_quietly():  # type: ignore[no-untyped-def]
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
-
-
 def release_run_dir(path: Path) -> None:
     """Remove our run directory at a clean exit, unless `down` is tearing it down (holds its lock):
     then `down` removes it, and waiting for its lock would deadlock (it waits for us to exit)."""
-    try:
-        fd = os.open(path / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
-    except OSError:
-        return
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return
-    try:
-        shutil.rmtree(path, ignore_errors=True)
-    finally:
-        os.close(fd)
+    with locked(path / LOCK_FILE, wait=False) as mine:
+        if mine:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 # --- --daemon --------------------------------------------------------------------------------
@@ -329,25 +287,6 @@ def _detach(log_path: Path | None) -> None:
     os.dup2(out, 2)
     for fd in {null, out}:
         os.close(fd)
-
-
-# --- teardown from `kloset-blocks down` ------------------------------------------------------
-
-
-def stop_recorded_view(state: dict[str, Any]) -> None:
-    """Stop the view a run directory records (SIGTERM: it unmounts itself), then detach the mount
-    if it is still there (the view was killed or hung)."""
-    rec = state.get(STATE_PROC)
-    mnt = state.get(STATE_MOUNT)
-    if rec:
-        stop_process(rec, timeout=10.0)
-    if mnt:
-        deadline = time.monotonic() + 2.0
-        while is_mounted(mnt) and time.monotonic() < deadline and rec:
-            time.sleep(0.02)
-        unmount_lazily(mnt)
-        if is_mounted(mnt):
-            raise FuseViewError(f"cannot unmount {mnt}")
 
 
 def check_not_mounted(path: Path) -> None:

@@ -6,8 +6,12 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import subprocess
 import time
+from collections.abc import Mapping
 from pathlib import Path
+
+from kloset_blocks.host.tools import AttachError
 
 # --- processes -----------------------------------------------------------------------------------
 
@@ -100,3 +104,35 @@ def child_pids(pid: int) -> list[int]:
         return [int(x) for x in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
     except OSError:
         return []
+
+
+def child_env(extra: Mapping[str, str | None] | None) -> dict[str, str] | None:
+    """This process's environment with `extra` applied (a None value unsets the variable), or None
+    (inherit) when there is nothing to change."""
+    if not extra:
+        return None
+    env = {**os.environ, **extra}
+    return {k: v for k, v in env.items() if v is not None}
+
+
+def spawn(
+    argv: list[str], log_path: Path, what: str, env: Mapping[str, str | None] | None = None
+) -> subprocess.Popen[bytes]:
+    """A daemon of a chain: its own session (no SIGHUP from a closing terminal, no Ctrl-C from
+    ours), stdin /dev/null, stdout and stderr appended to log_path (0600), umask 077 (the socket and
+    any file it makes: owner only)."""
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        return subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=fd,
+            stderr=fd,
+            start_new_session=True,
+            umask=0o077,
+            env=child_env(env),
+        )
+    except FileNotFoundError as e:
+        raise AttachError(f"{what} not found (run `make deps`)") from e
+    finally:
+        os.close(fd)

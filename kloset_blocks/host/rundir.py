@@ -11,10 +11,13 @@
 # - state.json is replaced atomically (write + rename), so a reader never sees half a record.
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import secrets
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +28,7 @@ DEFAULT_RUN_ROOT = Path("/run/kloset-blocks")
 
 
 STATE_FILE = "state.json"
+LOCK_FILE = ".lock"  # held by a teardown (host.teardown) and by a FUSE view releasing its directory
 
 
 def run_root(root: Path | str | None = None) -> Path:
@@ -95,3 +99,24 @@ def list_run_dirs(root: Path | str | None = None) -> list[Path]:
     if not base.is_dir():
         return []
     return sorted(p for p in base.iterdir() if p.is_dir() and not p.is_symlink())
+
+
+@contextlib.contextmanager
+def locked(lock_file: Path, *, wait: bool = True) -> Iterator[bool]:
+    """An exclusive flock on lock_file (created 0600) while inside; yields whether it was taken
+    (False: without `wait`, someone else holds it; or the file cannot be made: the directory is
+    gone). One teardown at a time per run directory: its owner and a `down` may race."""
+    try:
+        fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError:
+        yield False
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)

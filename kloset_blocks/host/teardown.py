@@ -8,25 +8,55 @@
 # SIGINT/SIGTERM/SIGHUP held off; the run directory is only removed when nothing is mounted under it.
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import os
 import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from kloset_blocks.host.mounts import is_mounted, loops_on, mounts
 from kloset_blocks.host.procs import proc_alive, processes_mentioning, stop_process
 from kloset_blocks.host.progress import Progress
-from kloset_blocks.host.rundir import RunDir, list_run_dirs
+from kloset_blocks.host.rundir import LOCK_FILE, RunDir, list_run_dirs, locked
 from kloset_blocks.host.signals import signals_blocked
 from kloset_blocks.host.tools import AttachError, last_line, run_tool
-from kloset_blocks.serving.nbdkit import STATS_FILE
 
-# --- teardown (also from another process) --------------------------------------------------------
+# Steps registered by the layers that start things (register_teardown), run at their stage:
+USERS = "users"  # processes using the mounted filesystem (Postgres): stopped before the unmount
+BACKING = "backing"  # what serves the overlay's backing (nbdkit, a FUSE image file): after detach
+REPORT = "report"  # what reads the results of the stopped backing (its counters)
+_STAGES = (USERS, BACKING, REPORT)
+
+
+@dataclass
+class Teardown:
+    """What a step sees: the run directory, its record, and which recorded processes were alive
+    when the teardown began (a counter file is complete only if its writer was stopped just now)."""
+
+    run: RunDir
+    progress: Progress
+    alive_at_start: frozenset[str]
+
+    @property
+    def path(self) -> Path:
+        return self.run.path
+
+    @property
+    def state(self) -> dict[str, Any]:
+        return self.run.state
+
+
+Step = Callable[[Teardown], object]
+_registered: dict[str, list[tuple[str, Step]]] = {stage: [] for stage in _STAGES}
+
+
+def register_teardown(stage: str, name: str, step: Step) -> None:
+    """Run `step` in every teardown, at `stage`; by name, so a module imported twice registers once."""
+    steps = _registered[stage]
+    steps[:] = [(n, s) for n, s in steps if n != name] + [(name, step)]
 
 
 def teardown_run_dir(path: Path | str, progress: Progress | None = None) -> list[str]:
@@ -39,32 +69,36 @@ def teardown_run_dir(path: Path | str, progress: Progress | None = None) -> list
     if not path.is_dir():
         return problems
     t0 = time.monotonic()
-    with signals_blocked(), _locked(path):
+    with signals_blocked(), locked(path / LOCK_FILE):
         run = RunDir.load(path)
-        st: dict[str, Any] = run.state
-        # Counters are only complete if nbdkit is still running, to be stopped (and write them) now.
-        served_to_the_end = proc_alive(st.get("nbdkit"))
-        steps = [
-            ("postgres", lambda: _stop_postgres(run)),
-            ("umount", lambda: _umount(st)),
-            ("loop", lambda: _detach_loops(st)),
-            ("nbd device", lambda: _disconnect_nbd(st)),
-            ("qemu-storage-daemon", lambda: _stop_qsd(st)),
-            ("nbdkit", lambda: _stop_nbdkit(st)),
-            ("fetch report", lambda: served_to_the_end and _report_fetched(path, st, progress)),
-            ("fuse view", lambda: _stop_fuse_view(st)),  # hook: kloset_blocks.fuse (issue 7)
-            ("stray processes", lambda: _sweep(path)),
-            ("files", lambda: _remove_files(path, st)),
+        alive = frozenset(
+            k for k, v in run.state.items() if isinstance(v, dict) and "pid" in v and proc_alive(v)
+        )
+        t = Teardown(run, progress, alive)
+        steps: list[tuple[str, Step]] = [
+            *_registered[USERS],
+            ("umount", _umount),
+            ("loop", _detach_loops),
+            ("nbd device", _disconnect_nbd),
+            ("qemu-storage-daemon", _stop_qsd),
+            *_registered[BACKING],
+            *_registered[REPORT],
+            ("stray processes", _sweep),
+            ("files", _remove_files),
         ]
         for name, step in steps:
             try:
-                step()
+                step(t)
             except Exception as e:  # keep going: a later step may still free something
                 problems.append(f"{name}: {e}")
     for p in problems:
         print(f"kloset-blocks: teardown {path.name}: {p}", file=sys.stderr, flush=True)
     progress.done("teardown", time.monotonic() - t0)
     return problems
+
+
+def _is_live_record(value: object) -> bool:
+    return isinstance(value, dict) and "pid" in value and proc_alive(value)
 
 
 def teardown_all(root: Path | str | None = None, progress: Progress | None = None) -> tuple[int, list[str]]:
@@ -76,40 +110,8 @@ def teardown_all(root: Path | str | None = None, progress: Progress | None = Non
     return len(dirs), problems
 
 
-@contextlib.contextmanager
-def _locked(path: Path):  # type: ignore[no-untyped-def]
-    # One teardown at a time per run directory (the owner and a `down` may race). The lock file
-    # lives beside the run directory's contents and goes with it.
-    try:
-        fd = os.open(path / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
-    except OSError:
-        yield
-        return
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
-
-
-# --- hook for the FUSE views (issue 7; owned by kloset_blocks/fuse) ---------------------------------
-def _stop_fuse_view(st: dict[str, Any]) -> None:
-    """A pyfuse3 view recorded here (`expose`/`browse`, or the image file behind `mount --backend
-    fuse`): stop it (it unmounts itself) and detach its mount if it is still there."""
-    if "fuse_view" in st or "fuse_view_mount" in st:
-        from kloset_blocks.fuse.mount import stop_recorded_view
-
-        stop_recorded_view(st)
-
-
-def _stop_postgres(run: RunDir) -> None:
-    if "postgres" in run.state:
-        from kloset_blocks import postgres
-
-        postgres.stop_recorded(run)
-
-
-def _umount(st: dict[str, Any]) -> None:
+def _umount(t: Teardown) -> None:
+    st = t.state
     mnt, src = st.get("mountpoint"), st.get("mount_source")
     if not mnt or not src or not is_mounted(mnt, src):
         return
@@ -127,7 +129,8 @@ def _umount(st: dict[str, Any]) -> None:
     raise AttachError(f"{mnt} was busy ({last}); unmounted lazily")
 
 
-def _detach_loops(st: dict[str, Any]) -> None:
+def _detach_loops(t: Teardown) -> None:
+    st = t.state
     fuse = st.get("fuse")
     loops = set(loops_on(fuse)) if fuse else set()
     rec = st.get("loop")
@@ -143,48 +146,27 @@ def _detach_loops(st: dict[str, Any]) -> None:
         raise AttachError(f"loop device(s) still attached to {fuse}: {' '.join(loops_on(fuse))}")
 
 
-def _disconnect_nbd(st: dict[str, Any]) -> None:
-    dev = st.get("nbd_device")
+def _disconnect_nbd(t: Teardown) -> None:
+    dev = t.state.get("nbd_device")
     if dev and Path(f"/sys/block/{Path(dev).name}/pid").exists():
         run_tool(["qemu-nbd", "--disconnect", dev], "nbd disconnect")
 
 
-def _stop_nbdkit(st: dict[str, Any]) -> None:
-    stop_process(st.get("nbdkit"))
-    stop_process(st.get("nbdkit_keeper"))  # exits with its child; a signal if it has not yet
-
-
-def _report_fetched(path: Path, st: dict[str, Any], progress: Progress) -> None:
-    """The plugin's counters, written by nbdkit as it exited: bytes read from the store against the
-    snapshot's size. Absent or stale (nbdkit was killed: the file may hold the counters of an earlier
-    client's close), or a stand-in served: nothing to say."""
-    served = st.get("served")
-    if not served:
-        return
-    import json
-
-    try:
-        stats = json.loads((path / served.get("stats", STATS_FILE)).read_text())
-    except (OSError, ValueError):
-        return
-    if "store_bytes_read" in stats:
-        progress.fetched(int(stats["store_bytes_read"]), int(served.get("logical_size") or 0))
-
-
-def _stop_qsd(st: dict[str, Any]) -> None:
-    stop_process(st.get("qsd"))
-    fuse = st.get("fuse")
+def _stop_qsd(t: Teardown) -> None:
+    stop_process(t.state.get("qsd"))
+    fuse = t.state.get("fuse")
     if fuse and is_mounted(fuse):
         # A killed daemon leaves its FUSE mount behind ("Transport endpoint is not connected").
         subprocess.run(["umount", "-l", fuse], capture_output=True, stdin=subprocess.DEVNULL)
 
 
-def _sweep(path: Path) -> None:
-    for rec in processes_mentioning(str(path) + "/"):
+def _sweep(t: Teardown) -> None:
+    for rec in processes_mentioning(str(t.path) + "/"):
         stop_process(rec)
 
 
-def _remove_files(path: Path, st: dict[str, Any]) -> None:
+def _remove_files(t: Teardown) -> None:
+    path, st = t.path, t.state
     still = [tg for _, tg, _ in mounts() if tg == str(path) or tg.startswith(str(path) + "/")]
     if still:
         raise AttachError(f"not removing {path}: still mounted: {' '.join(still)}")

@@ -10,7 +10,7 @@ from bisect import bisect_right
 from collections.abc import Iterator
 from typing import Any
 
-from kloset_blocks.errors import CorruptionError, UsageError
+from kloset_blocks.errors import UsageError
 from kloset_blocks.ext4.layout import BYTES, FILE, ZERO, Layout, Region
 
 
@@ -69,15 +69,8 @@ class BlockImage:
     def _read_file(r: Region, rel: int, out: memoryview) -> None:
         n = len(out)
         have = min(max(r.src_len - rel, 0), n)
-        if have and hasattr(r.source, "readinto"):
+        if have:
             r.source.readinto(r.src_offset + rel, out[:have])
-        elif have:
-            data = r.source.read(r.src_offset + rel, have)
-            if len(data) != have:
-                raise CorruptionError(
-                    f"file data returned {len(data)} bytes instead of {have} at offset {r.src_offset + rel}"
-                )
-            out[:have] = data
         if have < n:
             out[have:] = bytes(n - have)
 

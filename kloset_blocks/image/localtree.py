@@ -11,11 +11,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from kloset_blocks.errors import CorruptionError, NotFound
-from kloset_blocks.tree import Node
+from kloset_blocks.tree import Node, ReadIntoByCopy
 
 
 @dataclass(slots=True)
-class LocalFile:
+class LocalFile(ReadIntoByCopy):
     path: bytes
     size: int
 

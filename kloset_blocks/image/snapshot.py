@@ -16,7 +16,7 @@ from kloset_blocks.errors import NotFound, UsageError
 from kloset_blocks.ext4.layout import PlanOptions, plan
 from kloset_blocks.image.block import BlockImage
 from kloset_blocks.pgdata import find_pgdata, holds_pgdata
-from kloset_blocks.store.snapshot import Snapshot
+from kloset_blocks.store.snapshot import Snapshot, SnapshotFile
 
 
 @dataclass(frozen=True)
@@ -81,8 +81,7 @@ def snapshot_image(snapshot: Snapshot, options: ImageOptions) -> tuple[BlockImag
 def chunk_macs(image: BlockImage, offset: int, length: int) -> Iterator[bytes]:
     """The chunks a read of [offset, offset+length) of the image needs, in order: what to prefetch."""
     for data, file_offset, n in image.file_ranges(offset, length):
-        ranges = getattr(data, "chunk_ranges", None)
-        if ranges is not None:
+        if isinstance(data, SnapshotFile):  # files of local trees have no chunks
             macs = data.macs
-            for index, _, _ in ranges(file_offset, n):
+            for index, _, _ in data.chunk_ranges(file_offset, n):
                 yield macs[index]

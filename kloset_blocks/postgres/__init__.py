@@ -15,7 +15,7 @@ from kloset_blocks.postgres.datadir import (
     pg_ids,
     prepare_datadir,
 )
-from kloset_blocks.postgres.server import NoWalError, Server, relevant_lines, stop_recorded
+from kloset_blocks.postgres.server import NoWalError, Server, relevant_lines, start_server, stop_recorded
 
 __all__ = [
     "PG_USER",
@@ -33,5 +33,6 @@ __all__ = [
     "read_major",
     "relevant_lines",
     "server_bindir",
+    "start_server",
     "stop_recorded",
 ]

@@ -31,7 +31,16 @@ from kloset_blocks.errors import PgError
 from kloset_blocks.host.procs import proc_alive, proc_record, stop_process, wait_gone
 from kloset_blocks.host.progress import Progress
 from kloset_blocks.host.rundir import RunDir
-from kloset_blocks.postgres.datadir import PG_USER, Cluster, pg_ids
+from kloset_blocks.host.teardown import USERS, Teardown, register_teardown
+from kloset_blocks.postgres.datadir import (
+    PG_USER,
+    Cluster,
+    ensure_traversable,
+    fix_ownership,
+    locate,
+    pg_ids,
+    prepare_datadir,
+)
 from kloset_blocks.store.passphrase import PASSPHRASE_ENV
 
 DEFAULT_PORT = 5432
@@ -220,6 +229,30 @@ class Server:
         return f"psql -h {shlex.quote(str(self.dir))} -p {self.port} -U {PG_USER}"
 
 
+def start_server(
+    run: RunDir,
+    mount_root: Path,
+    *,
+    read_only: bool = False,
+    progress: Progress | None = None,
+    settings: Sequence[str] = (),
+) -> Server:
+    """Find the data directory on the mounted snapshot, make it ready (owner, traversal, stale
+    files: all in the overlay), and start its major's server on it; ready when this returns."""
+    progress = progress or Progress(quiet=True)
+    with progress.phase("prepare"):
+        cluster = locate(mount_root)
+        uid, gid = pg_ids()
+        ensure_traversable(mount_root, cluster.datadir, uid)
+        changed = fix_ownership(cluster.datadir, uid, gid)
+        prepare_datadir(cluster.datadir, progress)
+    if changed:
+        progress.say(f"gave {changed} inode(s) to the postgres user (in the overlay)")
+    server = Server(run, cluster, read_only=read_only, progress=progress, settings=settings)
+    server.start()
+    return server
+
+
 def stop_recorded(run: RunDir, timeout: float = 60.0) -> None:
     """Stop the server recorded in run's state: `pg_ctl stop -m fast`, then SIGQUIT, then SIGKILL."""
     rec = run.state.get("postgres")
@@ -239,6 +272,14 @@ def stop_recorded(run: RunDir, timeout: float = 60.0) -> None:
     # Children of a killed postmaster notice on their own; runuser exits with it.
     stop_process(rec.get("runuser"), timeout=5.0)
     run.forget("postgres")
+
+
+def _stop_for_teardown(t: Teardown) -> None:
+    if "postgres" in t.state:
+        stop_recorded(t.run)
+
+
+register_teardown(USERS, "postgres", _stop_for_teardown)
 
 
 def child_env() -> dict[str, str]:

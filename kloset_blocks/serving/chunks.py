@@ -13,17 +13,16 @@
 # image, a sequential scan of a big table) cycles through `_recent` and does not push out the
 # catalog and index chunks a database keeps coming back to. It also keeps a cold scan fast: memory
 # freed by `_recent` is reused by malloc for the next chunks, where filling a cache of fresh memory
-# costs a page fault per 4 KiB (0.25-0.3 s per 348 MB on this VM: a third of a cold nbdcopy).
+# costs a page fault per 4 KiB (bench/RESULTS.md, "Cold read at target").
 #
 # Invariants:
 # - Thread-safe (nbdkit PARALLEL) with no lock on the paths every request takes: a hit is a dict
 #   get and move_to_end, a miss claims the chunk with dict.setdefault on the in-flight table; each
 #   is one C call, atomic under the GIL. `_lock` guards only the queues' byte counts (insert and
 #   evict, once per fetched chunk). Why: a contended Python lock is re-taken with the GIL still to
-#   win, so under nbdkit's 16 threads a connection it became a convoy (18 % of the threads' time
-#   waiting on it in a cold nbdcopy); cachetools' LRUCache, used before, reorders on every read and
-#   is not thread-safe, so it needed that lock on hits too. Fetching and decoding release the GIL
-#   for the heavy work.
+#   win, so under many nbdkit threads it becomes a convoy; an LRU that reorders on every read and is
+#   not thread-safe would need that lock on hits too. Fetching and decoding release the GIL for the
+#   heavy work.
 # - A chunk is put in the cache before it leaves the in-flight table, so a get() always finds it
 #   in one or the other (or fetches it anew after eviction).
 # - Concurrent misses on one MAC share one fetch: the first caller fetches, the others wait for it.
@@ -40,8 +39,8 @@
 # For the same reason a fetch in flight is a bare lock held until its result is in (waiting =
 # acquiring it), not a concurrent.futures.Future (a Condition built in Python per chunk), and
 # prefetches go to the workers through a SimpleQueue, whose put() never blocks: with
-# ThreadPoolExecutor.submit(), which takes a process-wide lock, request threads queued behind each
-# other on it (39 % of their time in a cold nbdcopy).
+# ThreadPoolExecutor.submit(), which takes a process-wide lock, request threads queue behind each
+# other on it (bench/RESULTS.md, "Cold read at target", has the profile).
 from __future__ import annotations
 
 import _thread

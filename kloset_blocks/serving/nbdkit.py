@@ -55,7 +55,7 @@ def nbdkit_argv(
     )
     env: dict[str, str | None] = {"PYTHONPATH": os.pathsep.join([str(REPO), str(site)])}
     if key is not None:
-        from kloset_blocks.store.config import KEY_ENV
+        from kloset_blocks.store.passphrase import KEY_ENV
 
         env[KEY_ENV] = key.hex()
         env[PASSPHRASE_ENV] = None  # nbdkit needs the key only: do not pass the passphrase on

@@ -6,7 +6,8 @@
 #   fork -> after_fork() -> open(export) / pread / extents / cache ... [PARALLEL threads]
 # get_ready opens the store and builds the default export's image (metadata only), so a wrong
 # store, snapshot or passphrase stops nbdkit before it listens. Other snapshots are served as
-# further exports (name = 8-hex id), their images built on first open and then kept. With
+# further exports, named by the full snapshot id (any unique prefix, such as the 8-hex short id, is
+# an alias of the same export), their images built on first open and then kept. With
 # lazy=true (`kloset-blocks query`) the default export too is built on first open, so one broken
 # snapshot fails only its own exports. cache-dir= puts a DiskCache (diskcache.py) under the
 # ChunkCache: a second tier that persists decoded chunks across runs; a remote store gets one by
@@ -22,8 +23,8 @@
 # previous window, the request size and RA_MIN, capped at `readahead`, and prefetches from where the
 # stream's earlier prefetches stopped up to `end + window`, but never past the end of the file
 # whose bytes the read ended in (BlockImage.file_end): the files of a Postgres data directory are
-# mostly small, and a fixed 8 MiB window ran from each into its neighbours in the image, decoding
-# 9x the bytes the client read. A read ending in metadata, zeros or padding prefetches nothing.
+# mostly small, and a fixed window would run from each into its neighbours in the image, decoding
+# bytes nobody asked for. A read ending in metadata, zeros or padding prefetches nothing.
 # The stream is noted before the read itself, so that the order seen is the order requests arrive
 # in, not the order they complete in (which would split nbdcopy's 64 in-flight requests into
 # short streams that never ramp up).
@@ -34,9 +35,9 @@
 # over 4 connections) run over it; the partial blocks at a window's edges may be planned again by
 # another stream, which costs lookups of chunks already cached or queued. The
 # planning (image bytes -> chunk MACs, which may load files' chunk lists from the store) runs on
-# one background "planner" thread; the chunk fetches on the cache's prefetch workers. Planning
-# inline, on every request, over the whole window, made the request threads spend their time
-# rescanning the same chunks and queueing on the per-file lock of unloaded chunk lists. Requests
+# one background "planner" thread; the chunk fetches on the cache's prefetch workers, so request
+# threads neither rescan the same chunks nor queue on the per-file lock of unloaded chunk lists
+# (bench/RESULTS.md, "Adaptive readahead", has the before and after). Requests
 # hand ranges to the planner through a SimpleQueue (put() never blocks nor takes a Python-level
 # lock; ThreadPoolExecutor.submit() takes a process-wide one, a convoy under nbdkit's threads).
 from __future__ import annotations
@@ -49,16 +50,24 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from queue import Empty, SimpleQueue
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from kloset_blocks.errors import KlosetError, UsageError
+from kloset_blocks.image.block import BlockImage
 from kloset_blocks.image.snapshot import ImageOptions, chunk_macs, snapshot_image
 from kloset_blocks.serving.chunks import ChunkCache
 from kloset_blocks.store.codec import RT_CHUNK
+from kloset_blocks.store.passphrase import Secret, key_from_env, passphrase_source
 from kloset_blocks.units import format_size, parse_size
 
+if TYPE_CHECKING:
+    from kloset_blocks.serving.diskcache import DiskCache
+    from kloset_blocks.serving.startup import StartupProfile
+    from kloset_blocks.store import SnapshotInfo, Store
+
 CONFIG_HELP = """\
-store=STORE        Kloset store: fs:/path, fs:///path or /path (required)
+store=STORE        Kloset store: fs:/path, fs:///path, /path, s3://HOST[:PORT]/BUCKET[/PREFIX] or
+                   sftp://[USER@]HOST[:PORT]/PATH (required; remote options: store/options.py)
 snapshot=PREFIX    snapshot id prefix (default: the latest)
 path=PATH          serve this directory of the snapshot as the filesystem root (default /)
 pgdata=true        serve the directory holding PG_VERSION as the root
@@ -105,6 +114,7 @@ class PluginConfig:
     cache: int = 512 << 20
     readahead: int = 8 << 20
     passphrase: str | None = None
+    key_env: bool = True  # take a parent's derived key from $KLOSET_BLOCKS_STORE_KEY
     stats: str | None = None
     lazy: bool = False
     cache_dir: str | None = None
@@ -124,6 +134,17 @@ class PluginConfig:
             raise UsageError("store= is required (e.g. store=fs:/var/backups)")
         if self.owner is not None and (self.uid is not None or self.gid is not None):
             raise UsageError("give either owner= or uid=/gid=, not both")
+
+    def secret(self) -> tuple[Secret | None, bytes | None]:
+        """(passphrase, key) for open_store, by the one precedence rule (store/passphrase.py): an
+        explicit passphrase= first, then the key a parent derived and handed to us (key_env), then
+        $PLAKAR_PASSPHRASE, then a prompt."""
+        assert self.store is not None
+        if self.passphrase is None and self.key_env:
+            key = key_from_env()
+            if key is not None:
+                return None, key
+        return passphrase_source(self.passphrase, self.store), None
 
     def image_options(self) -> ImageOptions:
         return ImageOptions(
@@ -181,7 +202,7 @@ class Stream(NamedTuple):
 class Export:
     name: str
     description: str
-    image: Any  # kloset_blocks.image.BlockImage
+    image: BlockImage
     streams: OrderedDict[int, Stream] = field(default_factory=OrderedDict)  # by end offset
     planned: OrderedDict[int, None] = field(default_factory=OrderedDict)  # block numbers
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -190,10 +211,10 @@ class Export:
 class Server:
     def __init__(self) -> None:
         self.config = PluginConfig()
-        self.store: Any = None
+        self.store: Store | None = None
         self.cache: ChunkCache | None = None
-        self.disk: Any = None  # kloset_blocks.serving.diskcache.DiskCache with cache-dir=
-        self.startup: Any = None  # kloset_blocks.serving.startup.StartupProfile (remote stores)
+        self.disk: DiskCache | None = None  # with cache-dir= (by default for a remote store)
+        self.startup: StartupProfile | None = None  # what a start read (remote stores)
         self._startup_macs: list[bytes] = []
         self._stats_lock = threading.Lock()
         self.exports: dict[str, Export] = {}
@@ -216,7 +237,9 @@ class Server:
     def get_ready(self) -> None:
         from kloset_blocks.store import open_store
 
-        self.store = open_store(self.config.store, passphrase=self.config.passphrase)
+        assert self.config.store is not None, "config_complete() first"
+        passphrase, key = self.config.secret()
+        self.store = open_store(self.config.store, passphrase, key=key)
         fetch = self.store.read_chunk
         cache_dir = self.config.cache_dir
         if cache_dir is None and self.store.remote:
@@ -240,14 +263,14 @@ class Server:
         workers = self.store.backend.parallelism if self.store.remote else 2
         self.cache = ChunkCache(fetch, max_bytes=self.config.cache, prefetch_workers=workers)
         info = self.store.find_snapshot(self.config.snapshot)
-        self.default_export = info.short_id
+        self.default_export = info.hex_id
         if not self.config.lazy:
-            self._export(info.short_id)
+            self._export(info.hex_id)
 
     # ---- exports -------------------------------------------------------------------------------
 
     def list_exports(self) -> list[tuple[str, str]]:
-        return [(info.short_id, describe(info)) for info in reversed(self.store.snapshots())]
+        return [(info.hex_id, describe(info)) for info in reversed(self.store.snapshots())]
 
     def open(self, export_name: str) -> Export:
         if self._startup_macs:  # on the first connection: worker threads do not survive the fork
@@ -257,19 +280,23 @@ class Server:
         return self._export(export_name or self.default_export)
 
     def _export(self, name: str) -> Export:
+        """The export of the snapshot `name` identifies: its full id, or any unique prefix (the 8-hex
+        short id is the usual alias). One export, and one image, per snapshot, whatever the name."""
+        hex_id = self.store.find_snapshot(name).hex_id
         with self._build_lock:
-            export = self.exports.get(name)
+            export = self.exports.get(hex_id)
             if export is None:
-                export = self.exports[name] = self._build(name)
+                export = self.exports[hex_id] = self._build(hex_id)
             return export
 
-    def _build(self, prefix: str) -> Export:
-        snapshot = self.store.open_snapshot(prefix)
+    def _build(self, hex_id: str) -> Export:
+        assert self.store is not None and self.cache is not None, "get_ready() first"
+        snapshot = self.store.open_snapshot(hex_id)
         snapshot.fetch_chunk = self.cache.get
         image, root = snapshot_image(snapshot, self.config.image_options())
         info = snapshot.info
         description = f"{describe(info)}, {root.decode(errors='replace')} as ext4 ({format_size(image.size)})"
-        return Export(info.short_id, description, image)
+        return Export(info.hex_id, description, image)
 
     # ---- reads ---------------------------------------------------------------------------------
 
@@ -301,6 +328,7 @@ class Server:
         # Blocks planned are remembered for about as many bytes as the cache's first-use queue
         # holds (chunks.py): after that their chunks may have left it, and a new pass over them
         # should prefetch again.
+        assert self.cache is not None
         keep = max(_PLANNED_MIN, self.cache.recent_max // PLAN_BLOCK)
         planned = export.planned
         runs: list[tuple[int, int]] = []
@@ -344,6 +372,7 @@ class Server:
             export, offset, length = work
             # A damaged chunk list is not reported here: the foreground read of those bytes does it.
             with contextlib.suppress(KlosetError):
+                assert self.cache is not None
                 self.cache.prefetch(chunk_macs(export.image, offset, length))
 
     def _start_planner(self) -> None:
@@ -372,7 +401,7 @@ class Server:
 
     def stats(self) -> dict[str, Any]:
         counters = self.cache.stats.as_dict() if self.cache else {}
-        if self.store is not None and hasattr(self.store, "stats"):
+        if self.store is not None:
             counters.update(self.store.stats())
         if self.disk is not None:
             counters.update(self.disk.stats.as_dict())
@@ -414,7 +443,7 @@ def default_cache_dir() -> str:
     return os.path.join(base, "kloset-blocks")
 
 
-def describe(info: Any) -> str:
+def describe(info: SnapshotInfo) -> str:
     return f"snapshot {info.short_id} of {info.timestamp:%Y-%m-%d %H:%M:%S} ({info.name})"
 
 

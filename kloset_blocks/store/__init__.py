@@ -4,7 +4,7 @@ from __future__ import annotations
 from kloset_blocks.store.codec import Codec
 from kloset_blocks.store.gomode import go_mode_to_st_mode
 from kloset_blocks.store.location import parse_location
-from kloset_blocks.store.passphrase import resolve_passphrase
+from kloset_blocks.store.passphrase import passphrase_source
 from kloset_blocks.store.snapshot import (
     Entry,
     Snapshot,
@@ -29,5 +29,5 @@ __all__ = [
     "match_prefix",
     "open_store",
     "parse_location",
-    "resolve_passphrase",
+    "passphrase_source",
 ]

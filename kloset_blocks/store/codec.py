@@ -134,6 +134,8 @@ MAC_SIZE = 32
 _HEADER = struct.Struct("<8sII")
 
 Mac = Callable[[bytes], bytes]
+# An absent MAC or id (no object, no parent state): 32 zero bytes, as Kloset writes it.
+ZERO_MAC = bytes(32)
 
 
 def pack_version(major: int, minor: int, patch: int) -> int:

@@ -3,11 +3,10 @@
 # 256 MiB) and check the canary, then check the CONFIG trailer (BLAKE3, keyed with the master
 # key when encrypted, unkeyed otherwise) before trusting any field.
 #
-# $KLOSET_BLOCKS_STORE_KEY (hex) is the key already derived: `kloset-blocks psql/mount/query` derive
-# it once in the CLI, to check the passphrase before starting anything, and hand it to the nbdkit
-# they start in its environment, where the passphrase would otherwise go, instead of having nbdkit
-# derive it again (Argon2id with plakar's defaults: ~1.5 s and 256 MiB). It is as secret as the
-# passphrase, is checked against the canary like one, and an explicit passphrase spec wins over it.
+# The secret comes as a parameter: the passphrase (or a callable giving it, called only if the store
+# is encrypted), or a key already derived (the CLI derives it once and hands it to the nbdkit it
+# starts, so that Argon2id does not run twice). A key is checked against the canary like a
+# passphrase; when both are given the key is used.
 from __future__ import annotations
 
 import os
@@ -17,10 +16,9 @@ from typing import Any
 from kloset_blocks.errors import CorruptionError, PassphraseError, StoreError, UnsupportedVersion
 from kloset_blocks.store import codec as c
 from kloset_blocks.store.backend import Backend, as_backend
-from kloset_blocks.store.passphrase import resolve_passphrase
+from kloset_blocks.store.passphrase import Secret
 
 CONFIG_VERSION = c.pack_version(1, 0, 0)
-KEY_ENV = "KLOSET_BLOCKS_STORE_KEY"
 
 
 @dataclass(frozen=True)
@@ -42,7 +40,9 @@ def read_config_file(backend: Backend | str, display: str | None = None) -> byte
         ) from None
 
 
-def load_config(backend: Backend | str, display: str, passphrase: str | None) -> StoreConfig:
+def load_config(
+    backend: Backend | str, display: str, passphrase: Secret | None, key: bytes | None = None
+) -> StoreConfig:
     backend = as_backend(backend)
     raw = read_config_file(backend, display)
     path = backend.describe("CONFIG")
@@ -57,19 +57,21 @@ def load_config(backend: Backend | str, display: str, passphrase: str | None) ->
         raise CorruptionError(f"{path}: cannot decode the configuration (damaged file)") from None
     if not isinstance(config, dict):
         raise CorruptionError(f"{path}: configuration is not a map (damaged file)")
-    key = None
     encryption = config.get("Encryption")
     if encryption is not None:
         if not isinstance(encryption, dict) or not isinstance(encryption.get("KDFParams"), dict):
             raise CorruptionError(f"{path}: bad Encryption section (damaged file)")
         subkey = encryption.get("SubKeyAlgorithm") or "AES256-KW"
         canary = bytes(encryption.get("Canary") or b"")
-        key = _key_from_env(display, canary, subkey) if passphrase is None else None
-        if key is None:
-            secret = resolve_passphrase(passphrase, display)
-            key = c.derive_key(secret, encryption["KDFParams"])
+        if key is not None:
+            if len(key) != 32 or not c.verify_canary(key, canary, subkey):
+                raise PassphraseError(f"the key given does not open store {display}")
+        else:
+            key = c.derive_key(_passphrase_bytes(passphrase, display), encryption["KDFParams"])
             if not c.verify_canary(key, canary, subkey):
                 raise PassphraseError(f"wrong passphrase for store {display}")
+    else:
+        key = None  # a key handed to a plaintext store's reader means nothing
     c.unwrap(raw, c.RT_CONFIG, c.config_mac(key), path)
     try:
         codec = c.Codec(config, key)
@@ -78,14 +80,9 @@ def load_config(backend: Backend | str, display: str, passphrase: str | None) ->
     return StoreConfig(version, config, key, codec)
 
 
-def _key_from_env(display: str, canary: bytes, subkey: str) -> bytes | None:
-    value = os.environ.get(KEY_ENV)
-    if not value:
-        return None
-    try:
-        key = bytes.fromhex(value)
-    except ValueError:
-        raise PassphraseError(f"${KEY_ENV} is not a hex key") from None
-    if len(key) != 32 or not c.verify_canary(key, canary, subkey):
-        raise PassphraseError(f"the key in ${KEY_ENV} does not open store {display}")
-    return key
+def _passphrase_bytes(passphrase: Secret | None, display: str) -> bytes:
+    if passphrase is None:
+        raise PassphraseError(f"store {display} is encrypted: no passphrase given")
+    if callable(passphrase):
+        return passphrase()
+    return os.fsencode(passphrase) if isinstance(passphrase, str) else passphrase

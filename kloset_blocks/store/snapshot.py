@@ -35,7 +35,6 @@ from kloset_blocks.tree import Node
 if TYPE_CHECKING:
     from kloset_blocks.store.store import Store
 
-ZERO_MAC = bytes(32)
 ENTRY_BATCH = 1024
 TAR_IMPORTERS = ("tar", "tar+gz", "tgz")
 
@@ -145,7 +144,7 @@ class Entry:
             target = rec.get("symlink_target")
             target_b = to_bytes(target) if target else None
             obj = rec.get("object")
-            obj_b = bytes(obj) if obj and bytes(obj) != ZERO_MAC else None
+            obj_b = bytes(obj) if obj and bytes(obj) != c.ZERO_MAC else None
             chunks = rec.get("chunks")
             return cls(
                 path=path,

@@ -41,7 +41,6 @@ _METADATA = struct.Struct("<IQ16s")  # 28, after the type byte
 _TL = struct.Struct("<BI")
 _FIXED = {ET_LOCATIONS: _LOCATION.size, ET_COLOURED: _COLOURED.size, ET_PACKFILE: _PACKFILE.size}
 _FIXED_V11 = {**_FIXED, ET_DELETE: _DELETE.size}
-ZERO_ID = bytes(32)
 
 
 def is_hex_id(name: str) -> bool:
@@ -249,7 +248,7 @@ def _read_state(ident: bytes, backend: Backend, key: str, codec: c.Codec) -> _St
 
 def _parse_state(ident: bytes, path: str, stream: bytes, has_parent: bool) -> _State:
     pos = 0
-    parent = ZERO_ID
+    parent = c.ZERO_MAC
     if has_parent:
         parent = stream[:32]
         if len(parent) != 32:
@@ -278,7 +277,7 @@ def _topo_order(states: list[_State]) -> list[_State]:
     children: dict[bytes, list[_State]] = {}
     roots = []
     for s in states:
-        if s.parent == ZERO_ID or s.parent not in by_id or s.parent == s.ident:
+        if s.parent == c.ZERO_MAC or s.parent not in by_id or s.parent == s.ident:
             roots.append(s)
         else:
             children.setdefault(s.parent, []).append(s)

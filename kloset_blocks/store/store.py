@@ -27,6 +27,7 @@ from kloset_blocks.store.btree import BNode
 from kloset_blocks.store.config import StoreConfig, load_config
 from kloset_blocks.store.location import parse_location
 from kloset_blocks.store.packfile import Packfiles
+from kloset_blocks.store.passphrase import Secret
 from kloset_blocks.store.snapshot import Snapshot, SnapshotInfo
 from kloset_blocks.store.state import Location, LocationIndex
 
@@ -185,13 +186,13 @@ class Store:
         return Snapshot(self, self.find_snapshot(prefix))
 
 
-def open_store(location: str, passphrase: str | None = None) -> Store:
-    """Open a Kloset store read-only. `passphrase`: None -> $PLAKAR_PASSPHRASE or a prompt on a
-    terminal; "-" -> prompt; "+FILE" -> read FILE; anything else is the passphrase itself."""
+def open_store(location: str, passphrase: Secret | None = None, *, key: bytes | None = None) -> Store:
+    """Open a Kloset store read-only. An encrypted one needs its passphrase (bytes, str, or a
+    callable called only then: store.passphrase.passphrase_source) or its derived `key`."""
     loc = parse_location(location)
     backend = open_backend(loc)
     try:
-        cfg = load_config(backend, loc.display, passphrase)
+        cfg = load_config(backend, loc.display, passphrase, key)
         _raise_fd_limit()
         return Store(loc.display, backend, cfg)
     except BaseException:

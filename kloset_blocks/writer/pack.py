@@ -168,7 +168,7 @@ def state_stream(
     state_id: bytes, locations: list[Location], packfiles: list[tuple[bytes, int]], serial: bytes
 ) -> bytes:
     """The decoded state 1.1.0 stream: zero parent, LOCATIONS, PACKFILE, then METADATA."""
-    out = [bytes(32)]
+    out = [C.ZERO_MAC]
     for loc in locations:
         body = _LOCATION.pack(loc.rtype, loc.version, loc.mac, loc.packfile, loc.offset, loc.length, 0)
         out.append(struct.pack("<BI", ET_LOCATIONS, len(body)) + body)

@@ -40,6 +40,7 @@ from kloset_blocks import __version__
 from kloset_blocks.errors import KlosetError, PassphraseError, StoreError, UsageError
 from kloset_blocks.store import codec as C
 from kloset_blocks.store.codec import Codec
+from kloset_blocks.store.config import CONFIG_VERSION
 from kloset_blocks.store.gomode import (
     MODE_DEVICE,
     MODE_DIR,
@@ -64,20 +65,18 @@ from kloset_blocks.writer.pack import (
 from kloset_blocks.writer.source import Item
 from kloset_blocks.writer.source import open_source as _open_source
 
-CONFIG_VERSION = C.pack_version(1, 0, 0)
 RECORD_VERSION = C.pack_version(1, 0, 0)  # Object, Chunk, Entry, Header
 MiB = 1 << 20
 DEFAULT_CHUNKING = (512 * 1024, MiB, 8 * MiB)
 DEFAULT_PACKFILE_MAX = 64 * MiB
 COMPRESSIONS = ("LZ4", "GZIP", "ZSTD")
 HASHINGS = ("BLAKE3", "SHA256")
-ZERO_MAC = bytes(32)
 
 
 @dataclass(slots=True)
 class _Node:
     item: Item
-    object: bytes = ZERO_MAC
+    object: bytes = C.ZERO_MAC
     content_type: str = ""
     entropy: float = 0.0
     chunks: int = 0
@@ -494,7 +493,7 @@ def _add_file(d: dict, node: _Node) -> None:
     d[_kind(item.mode)] += 1
     for flag, bit in zip(_FLAGS, (MODE_SETUID, MODE_SETGID, MODE_STICKY), strict=True):
         d[flag] += bool(item.mode & bit)
-    if node.object != ZERO_MAC:
+    if node.object != C.ZERO_MAC:
         d["objects"] += 1
         d["chunks"] += node.chunks
     mtime = item.mtime_ns // 1_000_000_000
