@@ -18,7 +18,8 @@
 # Bytes and HTTP requests are counted by the proxy (wan only: bytes on the wire, HTTP included).
 # Every answer is checked against the live server's.
 #
-# Usage (root): .venv/bin/python bench/remote.py [--scale 100] [--runs 1] [--work DIR] [--json out.json]
+# Usage (root): .venv/bin/python bench/remote.py [--scale 100] [--runs 1] [--work DIR [--reuse]]
+#   [--json out.json]
 from __future__ import annotations
 
 import argparse
@@ -72,6 +73,14 @@ def build(scale: int, work: Path) -> tuple[Path, list[str], int]:
     with open_store(str(store)) as st:
         logical = st.find_snapshot(snaps[0][:12]).size
     return store, snaps, logical
+
+
+def reuse(store: Path) -> tuple[Path, list[str], int]:
+    from kloset_blocks.store import open_store
+
+    with open_store(str(store)) as st:
+        infos = st.snapshots()  # oldest first: the backup, then the next one
+        return store, [i.hex_id for i in infos], infos[0].size
 
 
 def psql(location: str, snap: str, env: dict[str, str], want: str) -> dict[str, object]:
@@ -160,6 +169,7 @@ def main() -> int:
     p.add_argument("--rate-mbit", type=float, default=200)
     p.add_argument("--work", type=Path)
     p.add_argument("--json", type=Path)
+    p.add_argument("--reuse", action="store_true", help="reuse the store an earlier run left in --work")
     args = p.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="kb-remote-bench-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -168,7 +178,10 @@ def main() -> int:
     os.chmod(work, 0o711)
     os.chmod(run_root, 0o711)
     t0 = time.monotonic()
-    store, snaps, logical = build(args.scale, work)
+    if args.reuse and (work / "store" / "CONFIG").exists():
+        store, snaps, logical = reuse(work / "store")
+    else:
+        store, snaps, logical = build(args.scale, work)
     store_bytes = sum(f.stat().st_size for f in store.rglob("*") if f.is_file())
     print(f"setup {time.monotonic() - t0:.0f} s: {logical >> 20} MiB snapshot, store {store_bytes >> 20} MiB")
     results: dict[str, object] = {

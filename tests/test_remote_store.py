@@ -64,7 +64,7 @@ def _tree(location: str) -> dict[str, object]:
     sha256 of each of its chunks (each distinct chunk fetched once, in parallel: the snapshots
     share most of them)."""
     out: dict[str, object] = {}
-    with open_store(location) as st:
+    with open_store(location, PASS) as st:
         files: dict[str, list[bytes]] = {}
         for info in st.snapshots():
             snap = st.open_snapshot(info.hex_id)
