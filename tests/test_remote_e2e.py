@@ -8,29 +8,16 @@ from __future__ import annotations
 
 import re
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.remote_servers import S3Server, SshServer, delay_proxy, moto_server, sshd_server
+from tests.remote_servers import S3Server, SshServer, delay_proxy
 from tests.test_e2e_pg import GOLDEN_A, GOLDEN_ANSWERS, GOLDEN_B, GOLDEN_QUERIES, cli, psql_args
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 PASS = "correct horse battery staple"
 ENC_A = "0b3eff1d"  # golden-enc's one snapshot: the same backup as golden-plain's A
-
-
-@pytest.fixture(scope="module")
-def s3() -> Iterator[S3Server]:
-    with moto_server() as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def ssh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshServer]:
-    with sshd_server(tmp_path_factory.mktemp("ssh")) as server:
-        yield server
 
 
 def _fetched(stderr: str) -> float:

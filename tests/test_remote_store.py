@@ -11,7 +11,6 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,22 +18,10 @@ import pytest
 from kloset_blocks.errors import StoreError
 from kloset_blocks.store import open_store
 from kloset_blocks.store.options import CONFIG_ENV
-from tests.remote_servers import S3Server, SshServer, free_port, moto_server, sshd_server
+from tests.remote_servers import S3Server, SshServer, free_port
 
 PASS = "correct horse battery staple"
 FIXTURES = ["golden-plain", "golden-enc"]
-
-
-@pytest.fixture(scope="module")
-def s3() -> Iterator[S3Server]:
-    with moto_server() as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def ssh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshServer]:
-    with sshd_server(tmp_path_factory.mktemp("ssh")) as server:
-        yield server
 
 
 @pytest.fixture(scope="module")
