@@ -178,6 +178,10 @@ class Packfiles:
             )
         return locs
 
+    def preloaded(self, rtype: int, mac: bytes) -> bool:
+        """Whether preload() holds this blob in memory."""
+        return (rtype, mac) in self._preloaded
+
     def read_encoded(self, rtype: int, mac: bytes) -> tuple[Location, bytes]:
         data = self._preloaded.get((rtype, mac))
         if data is not None:
