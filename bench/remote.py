@@ -137,7 +137,9 @@ def restore(location: str, snap: str, env: dict[str, str], work: Path, want: str
     return {"seconds": seconds, "restore": restored}
 
 
-def one_round(s3_loc: dict[str, str], env: dict[str, str], snaps: list[str], work: Path, proxy) -> dict:  # type: ignore[no-untyped-def]
+def one_round(
+    s3_loc: dict[str, str], env: dict[str, str], snaps: list[str], work: Path, proxy, variants
+) -> dict:  # type: ignore[no-untyped-def]
     out: dict[str, dict[str, object]] = {}
     for net, location in s3_loc.items():
         cache = work / f"cache-{net}"
@@ -154,10 +156,15 @@ def one_round(s3_loc: dict[str, str], env: dict[str, str], snaps: list[str], wor
             out[f"{net}-{name}"] = r
             print(f"  {net}-{name}: {json.dumps(r)}", file=sys.stderr, flush=True)
 
-        counted("cold", lambda: psql(location, snaps[0], e, expected(False)))  # noqa: B023
-        counted("warm", lambda: psql(location, snaps[0], e, expected(False)))  # noqa: B023
-        counted("next", lambda: psql(location, snaps[1], e, expected(True)))  # noqa: B023
-        counted("restore", lambda: restore(location, snaps[0], e, work, expected(False)))  # noqa: B023
+        runs = {
+            "cold": lambda: psql(location, snaps[0], e, expected(False)),  # noqa: B023
+            "warm": lambda: psql(location, snaps[0], e, expected(False)),  # noqa: B023
+            "next": lambda: psql(location, snaps[1], e, expected(True)),  # noqa: B023
+            "restore": lambda: restore(location, snaps[0], e, work, expected(False)),  # noqa: B023
+        }
+        for name, run in runs.items():
+            if name in variants:
+                counted(name, run)
     return out
 
 
@@ -170,6 +177,7 @@ def main() -> int:
     p.add_argument("--work", type=Path)
     p.add_argument("--json", type=Path)
     p.add_argument("--reuse", action="store_true", help="reuse the store an earlier run left in --work")
+    p.add_argument("--variants", nargs="+", default=["cold", "warm", "next", "restore"])
     args = p.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="kb-remote-bench-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -203,7 +211,7 @@ def main() -> int:
             env.pop("PLAKAR_PASSPHRASE", None)
             locs = {"wan": s3.location("bench", "pg", port=proxy.port), "lo": s3.location("bench", "pg")}
             for _ in range(args.runs):
-                rnd = one_round(locs, env, snaps, work, proxy)
+                rnd = one_round(locs, env, snaps, work, proxy, args.variants)
                 rnd["fs"] = psql(f"fs:{store}", snaps[0], env, expected(False))
                 print(f"  fs: {json.dumps(rnd['fs'])}", file=sys.stderr, flush=True)
                 results["rounds"].append(rnd)  # type: ignore[union-attr]
