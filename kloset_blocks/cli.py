@@ -18,6 +18,7 @@ COMMAND_MODULES = [
     "kloset_blocks.commands.run",
     "kloset_blocks.commands.fuse",
     "kloset_blocks.commands.query",
+    "kloset_blocks.commands.ui",
 ]
 
 

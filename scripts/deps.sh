@@ -12,8 +12,13 @@ APT_PACKAGES=(
   qemu-utils qemu-system-common fuse3 python3-pyfuse3
   e2fsprogs postgresql postgresql-contrib
   python3-venv python3-pip util-linux kmod liblz4-1
-  openssh-server openssh-client
+  openssh-server openssh-client   # remote stores' tests: sshd on loopback
+  chromium fonts-dejavu-core   # `kloset-blocks ui`'s browser tests (Playwright drives Debian's chromium)
 )
+
+# `ui`'s front end is bundled from npm packages (frontend/package-lock.json): node and npm from Debian
+# unless the machine has them already.
+command -v npm >/dev/null 2>&1 || APT_PACKAGES+=(nodejs npm)
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
@@ -44,3 +49,17 @@ fi
 # it would compile every module from source on each nbdkit start (50-90 ms measured). Only
 # changed files are recompiled, so this is cheap to run every time.
 "$VENV/bin/python" -m compileall -q kloset_blocks nbdplugin >/dev/null
+
+# `ui`'s front end: CodeMirror from npm (frontend/package-lock.json), bundled by esbuild into one file
+# the page loads from our own server (nothing from the internet at page load). Rebuilt only when
+# the lock file or the entry point changes.
+UI_OUT=kloset_blocks/web/static/vendor/editor.js
+UI_STAMP="frontend/node_modules/.kb-$(cat frontend/package-lock.json frontend/editor.js | sha256sum | cut -c1-16)"
+if [ ! -e "$UI_STAMP" ] || [ ! -e "$UI_OUT" ]; then
+  (cd frontend && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
+  mkdir -p "$(dirname "$UI_OUT")"
+  frontend/node_modules/.bin/esbuild frontend/editor.js --bundle --minify --format=iife --log-level=warning \
+    --outfile="$UI_OUT"
+  rm -f frontend/node_modules/.kb-*
+  touch "$UI_STAMP"
+fi
