@@ -42,12 +42,14 @@ def private_run_root(prefix: str) -> Iterator[Path]:
     root.mkdir(parents=True)
     os.chmod(root.parent, 0o711)
     os.chmod(root, 0o711)
-    yield root
     from kloset_blocks.app.teardown import teardown_all
 
-    leftovers = list(root.iterdir())
-    teardown_all(root)
-    shutil.rmtree(root, ignore_errors=True)
+    try:
+        yield root
+    finally:  # a failing test body must not leave its chains running either
+        leftovers = list(root.iterdir())
+        teardown_all(root)
+        shutil.rmtree(root, ignore_errors=True)
     assert not leftovers, f"run directories left behind: {leftovers}"
 
 

@@ -7,12 +7,14 @@ import stat
 
 import pytest
 from dissect.extfs.c_ext import c_ext
+from dissect.extfs.c_jdb2 import c_jdb2
 
 from kloset_blocks.ext4 import extent
 from kloset_blocks.ext4.bitmaps import prefix_bitmap
 from kloset_blocks.ext4.dirent import dir_blocks, encode_dir, rec_len
 from kloset_blocks.ext4.group_desc import EXT4_BG_INODE_ZEROED, GROUP_DESC, GroupDesc, encode_group_desc
 from kloset_blocks.ext4.inode import INODE, encode_inode, encode_rdev, encode_time
+from kloset_blocks.ext4.journal import JOURNAL_SUPERBLOCK, default_journal_blocks, encode_journal_superblock
 from kloset_blocks.ext4.superblock import (
     FEATURE_COMPAT,
     FEATURE_INCOMPAT,
@@ -64,13 +66,26 @@ INODE_OFFSETS = [
     ("i_crtime", 0x90),
     ("i_projid", 0x9C),
 ]
+# journal.rst, "Super Block"
+JSB_OFFSETS = [
+    ("s_blocksize", 0xC),
+    ("s_sequence", 0x18),
+    ("s_errno", 0x20),
+    ("s_uuid", 0x30),
+    ("s_nr_users", 0x40),
+    ("s_checksum_type", 0x50),
+    ("s_num_fc_blks", 0x54),
+    ("s_checksum", 0xFC),
+    ("s_users", 0x100),
+]
 
 
 @pytest.mark.parametrize(
     ("struct", "field", "offset"),
     [(SUPER_BLOCK, f, o) for f, o in SB_OFFSETS]
     + [(GROUP_DESC, f, o) for f, o in GD_OFFSETS]
-    + [(INODE, f, o) for f, o in INODE_OFFSETS],
+    + [(INODE, f, o) for f, o in INODE_OFFSETS]
+    + [(JOURNAL_SUPERBLOCK, f, o) for f, o in JSB_OFFSETS],
 )
 def test_field_offsets(struct, field, offset):
     assert struct.offsets[field] == offset
@@ -214,6 +229,63 @@ def test_inode_read_by_dissect():
     assert i.i_extra_isize == 32
     assert i.i_mtime == 1_700_000_000 and i.i_mtime_extra == 1 << 2
     assert i.i_crtime == i.i_ctime == i.i_atime == i.i_mtime
+
+
+def test_superblock_with_journal():
+    i_block = bytes(range(60))
+    jnl = i_block + (0).to_bytes(4, "little") + (16 << 20).to_bytes(4, "little")
+    sb = c_ext.ext4_super_block(encode_superblock(_sb(journal_inum=8, jnl_blocks=jnl)))
+    assert sb.s_feature_compat == 0x200 | 0x4  # sparse_super2 | has_journal
+    assert sb.s_journal_inum == 8
+    assert sb.s_jnl_backup_type == 1  # EXT3_JNL_BACKUP_BLOCKS
+    assert b"".join(x.to_bytes(4, "little") for x in sb.s_jnl_blocks) == jnl
+    assert sb.s_journal_dev == 0 and sb.s_journal_uuid == bytes(16)  # internal journal
+
+
+def test_journal_superblock_read_by_dissect():
+    raw = encode_journal_superblock(4096, 16384, bytes(range(16)))
+    assert len(raw) == 4096 and raw[1024:] == bytes(3072)
+    j = c_jdb2.journal_superblock(raw)
+    table = [
+        (j.s_header.h_magic, 0xC03B3998),
+        (j.s_header.h_blocktype, 4),  # JBD2_SUPERBLOCK_V2
+        (j.s_header.h_sequence, 0),
+        (j.s_blocksize, 4096),
+        (j.s_maxlen, 16384),
+        (j.s_first, 1),
+        (j.s_sequence, 1),
+        (j.s_start, 0),  # empty: nothing to replay
+        (j.s_errno, 0),
+        (j.s_feature_compat, 0),
+        (j.s_feature_incompat, 0),
+        (j.s_feature_ro_compat, 0),
+        (j.s_uuid, bytes(range(16))),
+        (j.s_nr_users, 1),
+        (j.s_checksum_type, 0),
+        (j.s_checksum, 0),
+    ]
+    for got, want in table:
+        assert got == want
+    with pytest.raises(ValueError):
+        encode_journal_superblock(4096, 1023, bytes(16))
+
+
+@pytest.mark.parametrize(
+    ("blocks", "journal"),
+    [
+        (32767, 1024),
+        (32768, 4096),  # one 4 KiB group: 16 MiB
+        (256 * 1024 - 1, 4096),
+        (256 * 1024, 8192),
+        (4096 * 1024 - 1, 16384),
+        (4096 * 1024, 32768),
+        (32768 * 1024 - 1, 131072),
+        (32768 * 1024, 262144),  # >= 128 GiB: 1 GiB, the largest
+        (1 << 40, 262144),
+    ],
+)
+def test_default_journal_blocks(blocks, journal):
+    assert default_journal_blocks(blocks) == journal
 
 
 @pytest.mark.parametrize(

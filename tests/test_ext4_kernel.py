@@ -252,3 +252,70 @@ def _stat_fields(out: str) -> dict[str, str]:
         m = re.search(re.escape(key) + r":\s*(\S+)", out)
         fields[key] = m.group(1) if m else ""
     return fields
+
+
+# --- the journal (PlanOptions.journal, for kept overlays) ------------------------------------------
+
+
+def _journal_head(img: Path) -> bytes:
+    """The first 1024 bytes of inode 8's data (the journal superblock), read by debugfs."""
+    out = subprocess.run(["debugfs", "-R", "cat <8>", str(img)], check=True, capture_output=True).stdout
+    return out[:1024]
+
+
+def test_journal_against_mke2fs(source: Path, tmp_path: Path):
+    layout = plan(list(walk(source)), PlanOptions(free_bytes=64 * MiB, uid=0, gid=0, journal=True))
+    ours = write_image(layout, tmp_path / "ours.img")
+    assert_fsck_clean(ours)
+    ref = tmp_path / "ref.img"
+    features = MKE2FS_FEATURES.replace("^has_journal", "has_journal")
+    options = "num_backup_sb=0,lazy_itable_init=0,lazy_journal_init=0,root_owner=0:0"
+    argv = [*MKE2FS[:-4], "-O", features, "-E", options]
+    subprocess.run(
+        [*argv, "-d", str(source), str(ref), f"{layout.size // 1024}k"], check=True, capture_output=True
+    )
+    h_ours, h_ref = dumpe2fs(ours, True), dumpe2fs(ref, True)
+    assert "has_journal" in flags_of(h_ours, "Filesystem features").split()
+    assert set(flags_of(h_ours, "Filesystem features").split()) == set(
+        flags_of(h_ref, "Filesystem features").split()
+    )
+    for key in (
+        "Journal inode",
+        "Journal backup",
+        "Journal features",
+        "Total journal blocks",
+        "Journal start",
+    ):
+        assert flags_of(h_ours, key) == flags_of(h_ref, key), key
+    assert "needs_recovery" not in h_ours
+    # The journal superblock is mke2fs's, byte for byte, but for the UUID (the filesystem's own).
+    a, b = _journal_head(ours), _journal_head(ref)
+    uuid = slice(0x30, 0x40)
+    assert a[uuid] == layout.uuid
+    assert a[: uuid.start] + a[uuid.stop :] == b[: uuid.start] + b[uuid.stop :]
+
+
+def test_journal_replayed_after_a_crash(source: Path, tmp_path: Path):
+    """A copy taken while the filesystem is mounted read-write is what a crash leaves: it needs
+    recovery, `e2fsck -p` replays the journal, and the result is clean and holds what was synced."""
+    nodes = list(walk(source))
+    layout = plan(nodes, PlanOptions(free_bytes=64 * MiB, journal=True))
+    img = write_image(layout, tmp_path / "j.img")
+    crash = tmp_path / "crash.img"
+    with loop_mount(img, tmp_path / "mnt", readonly=False) as mnt:
+        os.makedirs(mnt / "new")
+        for i in range(300):
+            (mnt / "new" / f"f{i}").write_bytes(b"y" * (i * 37))
+        os.remove(mnt / "hard1")
+        os.sync()
+        subprocess.run(["cp", "--sparse=always", str(img), str(crash)], check=True)
+    assert "needs_recovery" in flags_of(dumpe2fs(crash, True), "Filesystem features").split()
+    r = subprocess.run(["e2fsck", "-p", str(crash)], capture_output=True, text=True)
+    assert r.returncode in (0, 1), r.stdout + r.stderr  # 1: errors corrected (the journal replayed)
+    assert "needs_recovery" not in flags_of(dumpe2fs(crash, True), "Filesystem features").split()
+    assert_fsck_clean(crash)
+    assert_fsck_clean(img)  # the cleanly unmounted original too
+    with loop_mount(crash, tmp_path / "mnt2") as mnt:
+        assert sorted(os.listdir(mnt / "new")) == sorted(f"f{i}" for i in range(300))
+        assert (mnt / "new" / "f299").read_bytes() == b"y" * (299 * 37)
+        assert not (mnt / "hard1").exists()

@@ -215,10 +215,11 @@ EXPOSE_OPTIONS = [
     (("--path", "/base"), ImageOptions(path=b"/base")),
     (("--pgdata", "--owner", "nobody"), ImageOptions(pgdata=True, owner="nobody")),
     (("--free", "64M"), ImageOptions(free=64 << 20)),
+    (("--pgdata", "--journal"), ImageOptions(pgdata=True, journal=True)),  # mount --backend fuse --overlay
 ]
 
 
-@pytest.mark.parametrize(("opts", "options"), EXPOSE_OPTIONS, ids=["path", "pgdata-owner", "free"])
+@pytest.mark.parametrize(("opts", "options"), EXPOSE_OPTIONS, ids=["path", "pgdata-owner", "free", "journal"])
 def test_expose_options_match_the_planner(
     tmp_path: Path, opts: tuple[str, ...], options: ImageOptions
 ) -> None:

@@ -215,6 +215,22 @@ def test_nbdcopy_of_whole_export_equals_image_and_passes_e2fsck(
     assert fsck.returncode == 0, fsck.stdout + fsck.stderr
 
 
+def test_journal_parameter_gives_a_journaled_filesystem(store: Path, oracle: Server, tmp_path: Path) -> None:
+    """journal=true (what kloset-blocks passes for a kept --overlay): the copied export is a
+    journaled ext4 that e2fsck passes, holding the same files (same data start) as without."""
+    copied = tmp_path / "journal.img"
+    argv = ["nbdkit", "python", PLUGIN, f"store={store}", f"snapshot={SNAP_A}", "journal=true"]
+    subprocess.run(["nbdcopy", "--", "[", *argv, "]", str(copied)], check=True, timeout=300)
+    fsck = subprocess.run(["e2fsck", "-fn", str(copied)], capture_output=True, text=True)
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+    header = subprocess.run(["dumpe2fs", "-h", str(copied)], capture_output=True, text=True).stdout
+    assert "has_journal" in header and "Journal inode:            8" in header
+    plain = image_of(oracle).layout
+    with open(copied, "rb") as f:  # the first data block is where it is without a journal
+        f.seek(plain.data_start_block * 4096)
+        assert f.read(4096) == image_of(oracle).pread(plain.data_start_block * 4096, 4096)
+
+
 def filecmp_large(a: Path, b: Path) -> bool:
     if a.stat().st_size != b.stat().st_size:
         return False

@@ -97,6 +97,7 @@ def prepare(
     passphrase_file: str | None = None,
     progress: Progress | None = None,
     backend: str = "nbd",
+    journal: bool = False,
 ) -> Served:
     """Open the store and check the snapshot in-process; then the backing that serves it: nbdkit
     (backend "nbd") or the image file `expose` makes (backend "fuse")."""
@@ -110,7 +111,7 @@ def prepare(
     if backend == "fuse":
         from kloset_blocks.fuse.chain import ExposedImage, expose_argv
 
-        backing = ExposedImage(expose_argv(store, info.hex_id, None if pgdata else path, owner), key)
+        backing = ExposedImage(expose_argv(store, info.hex_id, None if pgdata else path, owner, journal), key)
     else:
         argv, env = nbdkit_argv(
             store,
@@ -120,6 +121,7 @@ def prepare(
             key=key,
             pgdata=pgdata,
             stats=f"{RUN_DIR_TOKEN}/{STATS_FILE}",
+            journal=journal,
         )
         backing = NbdkitBacking(argv, env)
     return Served(backing, info.hex_id, info.size, checked.root, checked.pg_major)

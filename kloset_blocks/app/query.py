@@ -44,12 +44,15 @@ from typing import Any
 
 from kloset_blocks import postgres
 from kloset_blocks.app.check import check_snapshot, open_checked_store
+from kloset_blocks.app.sessions import session_faults
+from kloset_blocks.app.warden import Warden
 from kloset_blocks.errors import KlosetError, UsageError
 from kloset_blocks.host.backing import NbdkitBacking, SharedExport, StandaloneServer
 from kloset_blocks.host.chain import Chain
 from kloset_blocks.host.progress import Progress
+from kloset_blocks.host.rundir import run_root as run_root_dir
 from kloset_blocks.host.signals import signals_unwind
-from kloset_blocks.serving.nbdkit import STATS_FILE
+from kloset_blocks.serving.nbdkit import SHARED_NBDKIT_THREADS, STATS_FILE
 from kloset_blocks.store import SnapshotInfo, Store
 
 STATUS_ROWS, STATUS_EMPTY, STATUS_ERROR = "rows", "no rows", "error"
@@ -210,18 +213,21 @@ class QueryRun:
 
     def run(self) -> list[Result]:
         t0 = time.monotonic()
-        self._tmp = Path(tempfile.mkdtemp(prefix="kb-query-"))  # 0700: the stats file
-        try:
-            with signals_unwind():
-                try:
-                    self._start_server()
-                    self._run_all()
-                finally:
-                    self._stop_all()
-        finally:
-            self.fetched_total = self._stats().get("store_bytes_read")
-            shutil.rmtree(self._tmp, ignore_errors=True)
-            self.seconds = time.monotonic() - t0
+        # One signal scope from the first thing made to the last removed; the warden tears down the
+        # chains and removes the temporary directory if this process is killed outright.
+        with signals_unwind():
+            self._tmp = Path(tempfile.mkdtemp(prefix="kb-query-"))  # 0700: the stats file
+            try:
+                with Warden(run_root_dir(self.options.run_root), [self._tmp]):
+                    try:
+                        self._start_server()
+                        self._run_all()
+                    finally:
+                        self._stop_all()
+            finally:
+                self.fetched_total = self._stats().get("store_bytes_read")
+                shutil.rmtree(self._tmp, ignore_errors=True)
+                self.seconds = time.monotonic() - t0
         return [r for r in self.results if r is not None]
 
     def nbdkit(self) -> tuple[list[str], dict[str, str | None]]:
@@ -234,6 +240,7 @@ class QueryRun:
             key=self.store.codec.key,  # derived already: nbdkit need not derive it again
             pgdata=True,
             stats=str(self.stats_path),
+            threads=SHARED_NBDKIT_THREADS,  # one chain dying must not abort the others' nbdkit
         )
         argv.append("lazy=true")  # one broken snapshot must not stop the server for the others
         if self.options.cache_dir:
@@ -322,6 +329,13 @@ class QueryRun:
             server = self._start_postgres(chain, progress)
             with progress.phase("query"):
                 result.columns, result.rows = self._query(server)
+        except KlosetError as e:
+            # Say what failed under the snapshot (the shared nbdkit died, the overlay's disk is
+            # full) rather than only Postgres' last words about it.
+            faults = session_faults(chain.run) + session_faults(self.server.run if self.server else None)
+            if faults:
+                raise KlosetError(f"{e}; {'; '.join(dict.fromkeys(faults))}") from None
+            raise
         finally:
             mark = self._stats_mtime()
             with progress.phase("down"):

@@ -9,6 +9,7 @@
 # started.
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -16,11 +17,16 @@ from typing import Any
 
 from kloset_blocks import postgres
 from kloset_blocks.app.teardown import teardown_run_dir
+from kloset_blocks.app.warden import Warden
 from kloset_blocks.host.backing import Backing
 from kloset_blocks.host.chain import Chain
+from kloset_blocks.host.procs import proc_alive
 from kloset_blocks.host.progress import Progress
 from kloset_blocks.host.rundir import RunDir, list_run_dirs
+from kloset_blocks.host.rundir import run_root as run_root_dir
 from kloset_blocks.host.signals import sigint_ignored, signals_unwind
+from kloset_blocks.host.space import full_message
+from kloset_blocks.host.tools import exit_cause
 
 
 def mount_session(
@@ -48,23 +54,28 @@ def pg_session(
     run_root: Path | str | None = None,
     settings: Sequence[str] = (),
     state: Mapping[str, Any] | None = None,
+    started: list[Chain] | None = None,
 ) -> tuple[Chain, postgres.Server]:
     """Chain + Postgres on its data directory, ready for queries. On any failure (or signal) before
-    it is ready, everything started is torn down and the error propagates."""
+    it is ready, everything started is torn down and the error propagates. The chain is appended
+    to `started` before anything starts, so a caller can tear it down whatever instant a signal
+    lands at, the return included."""
     progress = progress or Progress(quiet=True)
     t0 = time.monotonic()
     with signals_unwind():
         chain = Chain(backing, overlay=overlay, progress=progress, run_root=run_root, state=state)
+        if started is not None:
+            started.append(chain)
         try:
             chain.up()
             assert chain.mountpoint is not None and chain.run is not None
             server = postgres.start_server(
                 chain.run, chain.mountpoint, read_only=read_only, progress=progress, settings=settings
             )
+            progress.done("ready", time.monotonic() - t0)
         except BaseException:
             chain.teardown()
             raise
-    progress.done("ready", time.monotonic() - t0)
     return chain, server
 
 
@@ -78,16 +89,53 @@ def psql_session(
     run_root: Path | str | None = None,
     state: Mapping[str, Any] | None = None,
 ) -> int:
-    """pg_session, then psql with the user's arguments on the terminal, then teardown."""
-    chain, server = pg_session(
-        backing, read_only=read_only, overlay=overlay, progress=progress, run_root=run_root, state=state
-    )
-    with signals_unwind():
+    """pg_session, then psql with the user's arguments on the terminal, then teardown.
+
+    One signal scope covers it all, from the first process to psql's exit: a SIGTERM or SIGINT at
+    any instant (the one `ready` is printed at included) unwinds into the teardown. A warden tears
+    the chain down if this process dies without doing it (SIGKILL)."""
+    started: list[Chain] = []
+    with signals_unwind(), Warden(run_root_dir(run_root)):
         try:
+            _, server = pg_session(
+                backing,
+                read_only=read_only,
+                overlay=overlay,
+                progress=progress,
+                run_root=run_root,
+                state=state,
+                started=started,
+            )
             with sigint_ignored():
-                return server.psql(psql_args)
+                rc = server.psql(psql_args)
+            faults = session_faults(started[0].run)
+            for fault in faults:
+                print(f"kloset-blocks: {fault}", file=sys.stderr, flush=True)
+            return rc or (1 if faults else 0)
         finally:
-            chain.teardown()
+            for chain in started:
+                chain.teardown()
+
+
+def session_faults(run: RunDir | None) -> list[str]:
+    """What went wrong under a session that ran (checked in its run directory before the
+    teardown): the nbdkit serving the snapshot or the qemu-storage-daemon attaching the overlay died
+    (every read or write failed from then on), the disk holding the overlay is full."""
+    if run is None:
+        return []
+    st = run.state
+    faults = []
+    rec = st.get("nbdkit")
+    if rec and not proc_alive(rec):
+        cause = exit_cause(None, st.get("nbdkit_log", ""), "nbdkit")
+        faults.append(f"nbdkit, which served the snapshot, died during the session: {cause}")
+    rec = st.get("qsd")
+    if rec and not proc_alive(rec):
+        cause = exit_cause(None, st.get("qsd_log", ""), "qemu-storage-daemon")
+        faults.append(f"qemu-storage-daemon, which attached the overlay, died during the session: {cause}")
+    if st.get("overlay") and (full := full_message(st["overlay"], st.get("overlay_free_at_start"))):
+        faults.append(full)
+    return faults
 
 
 def stop_sessions(run_root: Path | str | None = None, progress: Progress | None = None) -> int:

@@ -69,6 +69,7 @@ def cmd_expose(args: argparse.Namespace) -> int:
         owner=args.owner,
         free=args.free,
         label=args.label or "",
+        journal=args.journal,
         cache=args.cache,
         readahead=args.readahead,
         passphrase=_passphrase_spec(args),
@@ -162,6 +163,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--owner", metavar="USER", help="give every inode to USER (default: postgres for PGDATA)")
     p.add_argument("--free", type=parse_size, metavar="SIZE", help="virtual free space in the image")
     p.add_argument("--label", help="ext4 volume label")
+    p.add_argument("--journal", action="store_true", help="an (empty) jbd2 journal: for a kept overlay")
     # Internal: the key its parent derived is in $KLOSET_BLOCKS_STORE_KEY (fuse.chain.ExposedImage).
     p.add_argument("--key-from-env", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(handler=cmd_expose)

@@ -36,6 +36,7 @@ def _served(args: argparse.Namespace, progress: Progress, *, pgdata: bool, backe
         passphrase_file=args.passphrase_file,
         progress=progress,
         backend=backend,
+        journal=getattr(args, "overlay", None) is not None,  # a kept overlay must survive a crash
     )
 
 

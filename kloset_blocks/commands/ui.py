@@ -46,7 +46,9 @@ def cmd_ui(args: argparse.Namespace) -> int:
     import uvicorn
 
     from kloset_blocks.app.query import opened_store
+    from kloset_blocks.app.warden import Warden
     from kloset_blocks.commands.run import require_root
+    from kloset_blocks.host.rundir import run_root
     from kloset_blocks.web.app import Guard, create_app
     from kloset_blocks.web.sessions import Sessions
 
@@ -56,7 +58,8 @@ def cmd_ui(args: argparse.Namespace) -> int:
     if args.max_open < 1 or args.row_cap < 1:
         raise UsageError("--max-open and --row-cap must be at least 1")
     progress = Progress(args.quiet)
-    with opened_store(args.store, args.passphrase_file) as store:
+    # The warden tears down the page's chains if this process is killed outright (kill -9).
+    with opened_store(args.store, args.passphrase_file) as store, Warden(run_root()):
         sock = bind(args.bind, args.port)
         guard = Guard(args.bind, sock.getsockname()[1])
         sessions = Sessions(args.store, store, idle=idle, max_open=args.max_open)

@@ -1,5 +1,6 @@
-# A little-endian C struct described as an ordered list of (field name, struct format) pairs, so that
-# encoders spell the kernel's field names once and tests can check offsets against another reader.
+# A C struct (little-endian unless told: jbd2's journal is big-endian) described as an ordered list
+# of (field name, struct format) pairs, so that encoders spell the kernel's field names once and
+# tests can check offsets against another reader.
 # Fields not given to pack() are zero; unknown names are an error (a typo must not pass silently).
 from __future__ import annotations
 
@@ -7,11 +8,13 @@ import struct
 
 
 class CStruct:
-    def __init__(self, name: str, fields: list[tuple[str, str]], size: int | None = None) -> None:
+    def __init__(
+        self, name: str, fields: list[tuple[str, str]], size: int | None = None, endian: str = "<"
+    ) -> None:
         self.name = name
         self.fields = fields
         self.names = [f for f, _ in fields]
-        fmt = "<" + "".join(f for _, f in fields)
+        fmt = endian + "".join(f for _, f in fields)
         self._struct = struct.Struct(fmt)
         self.size = size if size is not None else self._struct.size
         assert self.size >= self._struct.size, name

@@ -11,6 +11,8 @@
 #   inode tables       all groups' tables back to back: inode k sits at itable_start*bs + (k-1)*256
 #   aux                directory blocks, extent tree blocks, slow symlink blocks, in inode order
 #   data               each regular file's blocks, contiguous, in inode order
+#   journal            with PlanOptions.journal only: inode 8's blocks (ext4/journal.py), then its
+#                      extent tree blocks if it needs any
 #   free               zero blocks up to the end of the last (always full) group: virtual free space
 #
 # Inode numbers: 2 is the root, 1 and 3..10 stay reserved (zeroed but marked in use), the tree's
@@ -42,6 +44,7 @@ from kloset_blocks.ext4.inode import (
     encode_inode,
     encode_rdev,
 )
+from kloset_blocks.ext4.journal import EXT4_JOURNAL_INO, default_journal_blocks, encode_journal_superblock
 from kloset_blocks.ext4.superblock import SUPERBLOCK_OFFSET, SuperblockParams, encode_superblock
 from kloset_blocks.tree import Node
 
@@ -88,6 +91,7 @@ class PlanOptions:
     label: bytes = b""
     on_bad_name: str = "fail"  # or "skip"
     uuid_seed: bytes = b""  # mixed into the UUID, e.g. a snapshot id
+    journal: bool = False  # an empty jbd2 journal in inode 8, for an overlay that is kept
 
 
 @dataclass(slots=True)
@@ -416,7 +420,15 @@ def _assemble(tree: _Tree, inodes: list[_Inode], opts: PlanOptions) -> Layout:
     free_bytes = opts.free_bytes if opts.free_bytes is not None else max(DEFAULT_MIN_FREE, data_blocks * bs)
     if free_bytes < 0:
         raise LayoutError("free space must not be negative")
-    groups, ipg, gdt_blocks, fixed = _geometry(used_inodes, aux_blocks + data_blocks, -(-free_bytes // bs))
+    free_blocks = -(-free_bytes // bs)
+    journal_blocks = journal_tree = 0
+    if opts.journal:
+        # Sized for the filesystem without it (one table step at most from mke2fs's own choice).
+        groups, _, _, fixed = _geometry(used_inodes, aux_blocks + data_blocks, free_blocks)
+        journal_blocks = default_journal_blocks(groups * BLOCKS_PER_GROUP)
+        journal_tree = extent.tree_blocks(journal_blocks, bs)
+    content_blocks = aux_blocks + data_blocks + journal_blocks + journal_tree
+    groups, ipg, gdt_blocks, fixed = _geometry(used_inodes, content_blocks, free_blocks)
     blocks_count = groups * BLOCKS_PER_GROUP
     if blocks_count > MAX_BLOCKS:
         raise LayoutError(f"image too large: {blocks_count} blocks")
@@ -426,8 +438,9 @@ def _assemble(tree: _Tree, inodes: list[_Inode], opts: PlanOptions) -> Layout:
     it_start = ib_start + groups
     aux_start = it_start + groups * itb
     data_start = aux_start + aux_blocks
-    used_blocks = data_start + data_blocks
-    assert used_blocks == fixed + aux_blocks + data_blocks
+    journal_start = data_start + data_blocks
+    used_blocks = journal_start + journal_blocks + journal_tree
+    assert used_blocks == fixed + content_blocks
 
     uid, gid = opts.uid, opts.gid
     itable = bytearray(-(-used_inodes // INODES_PER_BLOCK) * bs)
@@ -502,7 +515,10 @@ def _assemble(tree: _Tree, inodes: list[_Inode], opts: PlanOptions) -> Layout:
             i_block=i_block,
         )
         ino.aux = b""  # release: the bytes now live in aux_parts
-    assert aux_ptr == data_start and data_ptr == used_blocks
+    assert aux_ptr == data_start and data_ptr == journal_start
+    jnl_blocks = jnl_tree = b""
+    if opts.journal:
+        jnl_blocks, jnl_tree = _journal_inode(itable, journal_start, journal_blocks)
     aux = b"".join(aux_parts)
     del aux_parts
 
@@ -540,6 +556,8 @@ def _assemble(tree: _Tree, inodes: list[_Inode], opts: PlanOptions) -> Layout:
             volume_name=opts.label[:16],
             hash_seed=hash_seed,
             extra_isize=EXT4_EXTRA_ISIZE,
+            journal_inum=EXT4_JOURNAL_INO if opts.journal else 0,
+            jnl_blocks=jnl_blocks,
         )
     )
     head = bytearray((1 + gdt_blocks) * bs)
@@ -576,6 +594,11 @@ def _assemble(tree: _Tree, inodes: list[_Inode], opts: PlanOptions) -> Layout:
         assert r.start == out.end
         out.regions.append(r)
         out.end += r.length
+    if opts.journal:
+        assert out.end == journal_start * bs
+        out.add_bytes(encode_journal_superblock(bs, journal_blocks, bytes(uuid)))
+        out.add_zero((journal_blocks - 1) * bs)
+        out.add_bytes(jnl_tree)
     out.add_zero(blocks_count * bs - out.end)
     return Layout(
         size=blocks_count * bs,
@@ -593,6 +616,31 @@ def _assemble(tree: _Tree, inodes: list[_Inode], opts: PlanOptions) -> Layout:
         directories=ndirs,
         warnings=tree.warnings,
     )
+
+
+def _journal_inode(itable: bytearray, start: int, nblocks: int) -> tuple[bytes, bytes]:
+    """Encode inode 8 (the journal: a regular file of `nblocks` blocks at `start`, its extent tree
+    blocks right after) into the inode table. Returns s_jnl_blocks, the superblock's copy of its
+    block map (e2fsprogs: i_block, then i_size_high, then i_size), and the extent tree blocks."""
+    bs = BLOCK_SIZE
+    tree = extent.tree_blocks(nblocks, bs)
+    i_block, tree_bytes = extent.encode_extent_tree(start, nblocks, start + nblocks, bs)
+    size = nblocks * bs
+    encode_inode(
+        itable,
+        (EXT4_JOURNAL_INO - 1) * EXT4_INODE_SIZE,
+        mode=stat.S_IFREG | 0o600,
+        uid=0,
+        gid=0,
+        size=size,
+        mtime_ns=0,
+        links_count=1,
+        blocks_512=(nblocks + tree) * (bs // 512),
+        flags=EXT4_EXTENTS_FL,
+        i_block=i_block,
+    )
+    jnl_blocks = i_block + (size >> 32).to_bytes(4, "little") + (size & 0xFFFFFFFF).to_bytes(4, "little")
+    return jnl_blocks, tree_bytes
 
 
 class _Regions:

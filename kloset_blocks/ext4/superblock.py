@@ -1,7 +1,8 @@
 # The ext4 superblock (super.rst), 1024 bytes at byte 1024 of the image. With 4 KiB blocks
 # s_first_data_block is 0, so the superblock lives inside block 0. No checksums: neither
 # metadata_csum nor gdt_csum is set. sparse_super2 with s_backup_bgs = {0, 0} means there is no
-# backup superblock anywhere, so file data may run across group boundaries.
+# backup superblock anywhere, so file data may run across group boundaries. A journal (has_journal,
+# inode 8, its block map backed up in s_jnl_blocks) only when the planner is asked for one.
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -12,6 +13,7 @@ EXT4_SUPER_MAGIC = 0xEF53
 SUPERBLOCK_OFFSET = 1024
 
 # compat
+EXT4_FEATURE_COMPAT_HAS_JOURNAL = 0x4
 EXT4_FEATURE_COMPAT_DIR_INDEX = 0x20
 EXT4_FEATURE_COMPAT_SPARSE_SUPER2 = 0x200
 # incompat
@@ -47,6 +49,7 @@ EXT4_VALID_FS = 1
 EXT4_ERRORS_CONTINUE = 1
 EXT4_OS_LINUX = 0
 EXT4_DYNAMIC_REV = 1
+EXT3_JNL_BACKUP_BLOCKS = 1  # s_jnl_backup_type: s_jnl_blocks copies the journal inode's i_block
 
 SUPER_BLOCK = CStruct(
     "ext4_super_block",
@@ -164,6 +167,8 @@ class SuperblockParams:
     volume_name: bytes
     hash_seed: bytes
     extra_isize: int
+    journal_inum: int = 0  # EXT4_JOURNAL_INO with a journal (has_journal), else 0
+    jnl_blocks: bytes = b""  # s_jnl_blocks: the journal inode's i_block, i_size_high, i_size_lo
 
 
 def encode_superblock(p: SuperblockParams) -> bytes:
@@ -189,7 +194,7 @@ def encode_superblock(p: SuperblockParams) -> bytes:
         s_rev_level=EXT4_DYNAMIC_REV,
         s_first_ino=p.first_ino,
         s_inode_size=p.inode_size,
-        s_feature_compat=FEATURE_COMPAT,
+        s_feature_compat=FEATURE_COMPAT | (EXT4_FEATURE_COMPAT_HAS_JOURNAL if p.journal_inum else 0),
         s_feature_incompat=FEATURE_INCOMPAT,
         s_feature_ro_compat=FEATURE_RO_COMPAT,
         s_uuid=p.uuid,
@@ -201,5 +206,8 @@ def encode_superblock(p: SuperblockParams) -> bytes:
         s_want_extra_isize=p.extra_isize,
         s_flags=EXT2_FLAGS_SIGNED_HASH,
         s_log_groups_per_flex=p.log_groups_per_flex,
+        s_journal_inum=p.journal_inum,
+        s_jnl_blocks=p.jnl_blocks,
+        s_jnl_backup_type=EXT3_JNL_BACKUP_BLOCKS if p.journal_inum else 0,
         # s_backup_bgs = {0, 0}: sparse_super2 with no backup superblock at all.
     )

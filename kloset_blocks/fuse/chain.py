@@ -26,9 +26,13 @@ from kloset_blocks.store.passphrase import KEY_ENV
 IMAGE_FILE = "image"
 
 
-def expose_argv(store: str, snapshot: str, path: str | None = None, owner: str | None = None) -> list[str]:
+def expose_argv(
+    store: str, snapshot: str, path: str | None = None, owner: str | None = None, journal: bool = False
+) -> list[str]:
     """The expose command without its FILE argument (ExposedImage adds it)."""
     argv = [sys.executable, "-m", "kloset_blocks", "expose", store, snapshot, "--no-run-dir"]
+    if journal:
+        argv.append("--journal")  # the overlay is kept: the filesystem must survive a crash
     if path:
         argv += ["--path", path]
     if owner:

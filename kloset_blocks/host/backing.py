@@ -28,7 +28,7 @@ from kloset_blocks.host.procs import child_pids, proc_record, spawn, stop_proces
 from kloset_blocks.host.progress import Progress
 from kloset_blocks.host.rundir import RunDir
 from kloset_blocks.host.teardown import BACKING, Teardown, register_teardown, teardown_run_dir
-from kloset_blocks.host.tools import AttachError, log_tail
+from kloset_blocks.host.tools import AttachError, exit_cause
 
 NBD_SOCKET = "nbd.sock"
 # In an nbdkit argv, this token stands for the run directory (made only when the chain comes up):
@@ -73,8 +73,8 @@ class NbdkitBacking:
         nbdkit_pid = None
         while True:
             if keeper.poll() is not None:
-                tail = log_tail(log_path) or f"exit status {keeper.returncode}"
-                raise AttachError(f"serve: nbdkit exited: {tail}")
+                cause = exit_cause(keeper.returncode, log_path, "nbdkit")
+                raise AttachError(f"serve: nbdkit exited: {cause}")
             if nbdkit_pid is None and (kids := child_pids(keeper.pid)):
                 nbdkit_pid = kids[0]
                 run.record(nbdkit=proc_record(nbdkit_pid))

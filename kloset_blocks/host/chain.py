@@ -11,7 +11,9 @@
 # - The backing is only ever read (nbdkit -r); all writes land in the qcow2 overlay.
 # - qemu-storage-daemon runs in its own session with stdin on /dev/null, so a closing terminal
 #   (SIGHUP) cannot stop it under a mounted filesystem (references §3.4).
-# - A user-given overlay is never deleted; a temporary one lives and dies with the run directory.
+# - A user-given overlay is never deleted; a temporary one lives and dies with the run directory
+#   (it lives in host.space.overlay_dir(), on a disk with room, and the start refuses below a
+#   minimum free there).
 from __future__ import annotations
 
 import contextlib
@@ -24,12 +26,14 @@ from pathlib import Path
 from typing import Any
 
 from kloset_blocks.host.backing import Backing
+from kloset_blocks.host.fsck import check_kept_overlay
 from kloset_blocks.host.mounts import is_mounted
 from kloset_blocks.host.procs import proc_record, spawn
 from kloset_blocks.host.progress import Progress
 from kloset_blocks.host.rundir import RunDir
+from kloset_blocks.host.space import check_room, overlay_dir
 from kloset_blocks.host.teardown import teardown_run_dir
-from kloset_blocks.host.tools import AttachError, log_tail, run_tool
+from kloset_blocks.host.tools import AttachError, exit_cause, run_tool
 
 QCOW2_OPTIONS = "cluster_size=128k,extended_l2=on"
 FUSE_FILE = "disk.raw"
@@ -82,6 +86,7 @@ class Chain:
         self.overlay: Path | None = None
         self.device: str | None = None
         self.mountpoint: Path | None = None
+        self.reused_overlay = False  # a kept overlay from an earlier run: checked before the mount
         self._children: list[subprocess.Popen[bytes]] = []
 
     # context manager: `with Chain(...) as c:` brings it up and always tears it down
@@ -96,12 +101,17 @@ class Chain:
         try:
             if self.extra_state:
                 self.run.record(**self.extra_state)
+            self._overlay_place()  # before anything starts: refuses a place without room
             with self.progress.phase("serve"):
                 self.backing_name = self.backing.start(self.run, self.timeout)
             with self.progress.phase("overlay"):
                 self._overlay()
             with self.progress.phase("attach"):
                 self._attach()
+            if self.reused_overlay:  # an earlier run may have ended in a crash or a full disk
+                with self.progress.phase("fsck"):
+                    assert self.device is not None and self.overlay is not None
+                    check_kept_overlay(self.device, self.overlay, self.progress)
             with self.progress.phase("mount"):
                 self._mount()
         except BaseException:
@@ -121,20 +131,26 @@ class Chain:
 
     # --- phases ----------------------------------------------------------------------------------
 
-    def _overlay(self) -> None:
+    def _overlay_place(self) -> None:
         run = self._run()
-        uri = self._uri()
-        if self.overlay_arg is None:
-            path, temp = run.path / "overlay.qcow2", True
+        if self.overlay_arg is None:  # on a disk with room, not in the run directory (a tmpfs)
+            path, temp = overlay_dir() / f"{run.id}.qcow2", True
         else:
             path, temp = self.overlay_arg, False
-        run.record(overlay=str(path), overlay_temp=temp)
-        self.overlay = path
-        if not temp and path.exists():
-            self._reuse_overlay(path, uri)
-            return
         if not temp and not path.parent.is_dir():
             raise AttachError(f"overlay: directory {path.parent} does not exist")
+        free = check_room(path.parent)  # refuses below the minimum
+        run.record(overlay=str(path), overlay_temp=temp, overlay_free_at_start=free)
+        self.overlay = path
+
+    def _overlay(self) -> None:
+        uri = self._uri()
+        assert self.overlay is not None
+        path, temp = self.overlay, self.overlay_arg is None
+        if not temp and path.exists():
+            self._reuse_overlay(path, uri)
+            self.reused_overlay = True
+            return
         run_tool(
             ["qemu-img", "create", "-q", "-f", "qcow2", "-o", self.qcow2_options, "-F", "raw", "-b", uri,
              str(path)],
@@ -176,7 +192,8 @@ class Chain:
         deadline = time.monotonic() + self.timeout
         while not is_mounted(fuse):
             if proc.poll() is not None:
-                raise AttachError(f"attach: qemu-storage-daemon exited: {log_tail(log_path)}")
+                cause = exit_cause(proc.returncode, log_path, "qemu-storage-daemon")
+                raise AttachError(f"attach: qemu-storage-daemon exited: {cause}")
             if time.monotonic() > deadline:
                 raise AttachError(f"attach: qemu-storage-daemon did not export within {self.timeout:.0f} s")
             time.sleep(0.005)

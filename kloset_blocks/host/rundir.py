@@ -21,6 +21,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from kloset_blocks.host.procs import proc_starttime
+
 RUN_ROOT_ENV = "KLOSET_BLOCKS_RUN_ROOT"
 
 
@@ -51,7 +53,10 @@ class RunDir:
         path = base / ident
         path.mkdir(mode=0o711)
         os.chmod(path, 0o711)  # mkdir's mode is filtered by the umask
-        run = cls(path, {"id": ident, "created": time.time(), "owner_pid": os.getpid()})
+        me = os.getpid()
+        # The owner, with its start time (pids are reused): app/warden.py tears down a dead owner's.
+        owner = {"owner_pid": me, "owner_starttime": proc_starttime(me) or 0}
+        run = cls(path, {"id": ident, "created": time.time(), **owner})
         run.save()
         return run
 

@@ -70,6 +70,8 @@ def teardown_run_dir(path: Path | str, progress: Progress | None = None) -> list
         return problems
     t0 = time.monotonic()
     with signals_blocked(), locked(path / LOCK_FILE):
+        if not path.is_dir():
+            return problems  # another teardown (its owner's thread, a `down`) finished it meanwhile
         run = RunDir.load(path)
         alive = frozenset(
             k for k, v in run.state.items() if isinstance(v, dict) and "pid" in v and proc_alive(v)
@@ -172,5 +174,8 @@ def _remove_files(t: Teardown) -> None:
         raise AttachError(f"not removing {path}: still mounted: {' '.join(still)}")
     if any(proc_alive(st.get(k)) for k in ("nbdkit", "nbdkit_keeper", "qsd")):
         raise AttachError(f"not removing {path}: a recorded process is still alive")
-    # A temporary overlay lives inside the run directory and goes with it; a kept one is elsewhere.
+    # A temporary overlay goes with its run (it lives in the overlay directory, host/space.py, or in
+    # the run directory itself); a kept one is the user's and stays.
+    if st.get("overlay_temp") and st.get("overlay"):
+        Path(st["overlay"]).unlink(missing_ok=True)
     shutil.rmtree(path)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+import signal
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
@@ -40,9 +42,46 @@ def last_line(text: str) -> str:
 
 
 def log_tail(path: Path | str) -> str:
+    """The last line of a component's log that says something: `setsid -w`'s own line ("child N
+    did not exit normally") only repeats that the component died, so the line before it is taken."""
+    return _log_lines(path)[0]
+
+
+def _log_lines(path: Path | str) -> tuple[str, bool]:
+    """(last meaningful line, whether setsid said its child died by a signal)."""
     try:
         with open(path, "rb") as f:
             f.seek(max(0, os.fstat(f.fileno()).st_size - 4096))
-            return last_line(f.read().decode(errors="replace"))
+            text = f.read().decode(errors="replace")
     except OSError:
-        return ""
+        return "", False
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    said = [ln for ln in lines if not _SETSID_LINE.match(ln)]
+    return (said[-1] if said else ""), len(said) < len(lines)
+
+
+_SETSID_LINE = re.compile(r"^setsid: child \d+ did not exit normally")
+
+
+def exit_cause(returncode: int | None, log_path: Path | str, what: str) -> str:
+    """Why a component exited, for a message that ends in a colon: its log's last line, and how it
+    ended (a signal by name, or its exit status), never nothing. Under `setsid -w` (nbdkit) in a
+    session of its own, setsid says "child N did not exit normally" and exits with the child's raw
+    wait status, the signal's number."""
+    tail, by_signal = _log_lines(log_path)
+    if returncode is not None and returncode < 0:
+        how = f"{what} was killed by {_signame(-returncode)}"
+    elif by_signal:  # setsid's exit status is then the child's raw wait status: the signal
+        how = f"{what} was killed by {_signame(returncode & 0x7F) if returncode else 'a signal'}"
+    elif returncode is not None:
+        how = f"{what} exited with status {returncode}"
+    else:
+        how = f"{what} is gone"
+    return f"{tail} ({how})" if tail else f"{how}, and its log {log_path} says nothing more"
+
+
+def _signame(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"

@@ -29,6 +29,7 @@ class ImageOptions:
     free: int | None = None  # virtual free bytes; None: the planner's default
     label: bytes = b""
     on_bad_name: str = "fail"
+    journal: bool = False  # an empty jbd2 journal: for an overlay that is kept across runs
 
     def __post_init__(self) -> None:
         if len(self.label) > 16:
@@ -61,6 +62,7 @@ def plan_options(options: ImageOptions, root: bytes, is_pgdata: bool, uuid_seed:
         label=options.label,
         on_bad_name=options.on_bad_name,
         uuid_seed=uuid_seed,
+        journal=options.journal,
     )
 
 

@@ -22,6 +22,11 @@ PLUGIN = REPO / "nbdplugin" / "kloset.py"
 # miss from stalling its connection (a hit or a second fetch goes on meanwhile) for a fraction of
 # the switching: bench/RESULTS.md, "nbdkit threads".
 NBDKIT_THREADS = 2
+# nbdkit 1.32.5 (Debian 12) aborts, killing every connection, when a client dies with replies in
+# flight and its connection has more than one thread (`raw_send_socket: Assertion 'sock >= 0'`;
+# bench/nbdkit_client_death.py). An nbdkit that serves several chains (`query`) must survive one of
+# them dying, so it runs one thread a connection: bench/RESULTS.md, "nbdkit abort".
+SHARED_NBDKIT_THREADS = 1
 # The plugin's counters (stats=FILE), read back for the "fetched ... from the store" line.
 STATS_FILE = "nbdkit-stats.json"
 
@@ -35,11 +40,13 @@ def nbdkit_argv(
     key: bytes | None = None,
     pgdata: bool = False,
     stats: str | None = None,
+    journal: bool = False,
+    threads: int = NBDKIT_THREADS,
 ) -> tuple[list[str], dict[str, str | None]]:
     """(argv, extra environment) for `nbdkit --threads=2 python nbdplugin/kloset.py store=...`.
     An encrypted store's `key`, derived by the caller, goes to nbdkit in its environment (store/
     config.py: KEY_ENV) instead of the passphrase, so that nbdkit does not derive it again."""
-    argv = ["nbdkit", f"--threads={NBDKIT_THREADS}", "python", str(PLUGIN)]
+    argv = ["nbdkit", f"--threads={threads}", "python", str(PLUGIN)]
     argv += [f"store={store}", f"snapshot={snap}"]
     if path:
         argv.append(f"path={path}")
@@ -49,6 +56,8 @@ def nbdkit_argv(
         argv.append(f"owner={owner}")
     if stats:
         argv.append(f"stats={stats}")
+    if journal:
+        argv.append("journal=true")  # the overlay is kept: the filesystem must survive a crash
     # nbdkit embeds Debian's /usr/bin/python3: give it the repo and the venv's site-packages.
     site = (
         REPO / ".venv" / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"

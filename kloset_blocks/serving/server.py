@@ -75,6 +75,8 @@ owner=USER         give every inode to USER (default: postgres when serving a Po
 uid=N gid=N        give every inode to this uid/gid
 free=SIZE          virtual free space in the image (default: max(1G, data size))
 label=LABEL        ext4 volume label
+journal=true       give the filesystem an (empty) jbd2 journal, so that a kept overlay survives a
+                   crash: the kernel or `e2fsck -p` replays it (default false)
 cache=SIZE         decoded-chunk cache (default 512M); chunks used once share at most a quarter of
                    it (64M at most), so a long scan does not push out chunks used again
 readahead=SIZE     cap of the sequential readahead window, which grows from the request size and
@@ -117,6 +119,7 @@ class PluginConfig:
     key_env: bool = True  # take a parent's derived key from $KLOSET_BLOCKS_STORE_KEY
     stats: str | None = None
     lazy: bool = False
+    journal: bool = False
     cache_dir: str | None = None
     cache_dir_size: int = 4 << 30
 
@@ -155,6 +158,7 @@ class PluginConfig:
             gid=self.gid,
             free=self.free,
             label=self.label.encode(),
+            journal=self.journal,
         )
 
 
@@ -186,6 +190,7 @@ _SETTERS: dict[str, Any] = {
     "passphrase": lambda c, v: setattr(c, "passphrase", v),
     "stats": lambda c, v: setattr(c, "stats", v),
     "lazy": lambda c, v: setattr(c, "lazy", _bool(v)),
+    "journal": lambda c, v: setattr(c, "journal", _bool(v)),
     "cache-dir": lambda c, v: setattr(c, "cache_dir", v),
     "cache-dir-size": lambda c, v: setattr(c, "cache_dir_size", parse_size(v)),
 }
