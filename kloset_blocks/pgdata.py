@@ -9,7 +9,9 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import re
+import stat
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Protocol
@@ -86,11 +88,21 @@ def find_data_dir(root: Path) -> Path:
 
 
 def read_major(datadir: Path) -> str:
-    return check_major((datadir / "PG_VERSION").read_text().strip(), str(datadir))
+    """PG_VERSION's first bytes, never through a symlink (it could name a host file, whose content
+    would end up in an error message)."""
+    try:
+        fd = os.open(datadir / "PG_VERSION", os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as e:
+        raise PgError(f"cannot read PG_VERSION in {datadir}: {e.strerror}") from None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise PgError(f"PG_VERSION in {datadir} is not a regular file")
+        text = f.read(64).decode(errors="replace").strip()
+    return check_major(text, str(datadir))
 
 
 def check_major(text: str, where: str) -> str:
     """PG_VERSION's content: a major version ("15", or "9.6" before PostgreSQL 10)."""
-    if not re.fullmatch(r"\d+(\.\d+)?", text):
+    if not re.fullmatch(r"\d{1,4}(\.\d{1,2})?", text):  # a bounded number: it names a directory
         raise PgError(f"unexpected PG_VERSION {text!r} in {where}")
     return text

@@ -14,7 +14,7 @@ PACKAGE = REPO / "kloset_blocks"
 # Lowest first. The core modules (errors, units, the tree contract, the data-directory rule) are
 # below everything.
 LAYERS = [
-    {"errors", "units", "tree", "pgdata", "__init__"},
+    {"errors", "units", "tree", "pgdata", "names", "__init__"},
     {"store"},
     {"writer"},
     {"ext4"},

@@ -84,7 +84,7 @@ def test_ensure_traversable_and_prepare(tmp_path: Path) -> None:
     os.chmod(root, 0o700)  # root-owned and closed: postgres could not reach /data
     postgres.ensure_traversable(root, data, uid)
     assert root.stat().st_mode & 0o001
-    for name in ("postmaster.pid", "standby.signal", "PG_VERSION"):
+    for name in ("postmaster.pid", "standby.signal", "recovery.signal", "PG_VERSION"):
         (data / name).write_text("x")
     postgres.prepare_datadir(data, Progress(quiet=True))
     assert sorted(p.name for p in data.iterdir()) == ["PG_VERSION"]
@@ -94,24 +94,35 @@ def test_ensure_traversable_and_prepare(tmp_path: Path) -> None:
     ("read_only", "has_conf", "settings"),
     [(False, True, []), (True, True, []), (False, False, ["work_mem=8MB"])],
 )
-def test_server_options(tmp_path: Path, read_only: bool, has_conf: bool, settings: list[str]) -> None:
+def test_server_options_and_files(
+    tmp_path: Path, read_only: bool, has_conf: bool, settings: list[str]
+) -> None:
+    # Our config_file always; the snapshot's auto.conf emptied and its signal files replaced by ours.
     root = Path("/run/kloset-blocks-test") / f"opts-{os.getpid()}"
     try:
         run = RunDir.create(root)
         data = tmp_path / "data"
         data.mkdir()
         if has_conf:
-            (data / "postgresql.conf").write_text("")
+            (data / "postgresql.conf").write_text("work_mem = 3MB\nrestore_command = 'touch /tmp/x'\n")
+        (data / "postgresql.auto.conf").write_text("archive_mode = on\n")
+        (data / "recovery.signal").write_text("")
         cluster = postgres.Cluster(data, "15", Path("/usr/lib/postgresql/15/bin"))
         s = postgres.Server(run, cluster, read_only=read_only, settings=settings)
+        s._write_config()
         opts = s._options()
         pairs = [opts[i + 1] for i, o in enumerate(opts) if o == "-c"]
         assert opts[:2] == ["-D", str(data)]
-        assert "listen_addresses=" in pairs and "archive_mode=off" in pairs
-        assert ("default_transaction_read_only=on" in pairs) == read_only
-        assert any(p.startswith("config_file=") for p in pairs) == (not has_conf)
-        for extra in settings:
-            assert extra in pairs
+        assert pairs[0] == f"config_file={s.dir / 'postgresql.conf'}" and pairs[1:] == settings
+        ours = (s.dir / "postgresql.conf").read_text()
+        assert "archive_mode = 'off'" in ours and "restore_command = ''" in ours
+        assert ("work_mem = '3MB'" in ours) == has_conf
+        assert (f"default_transaction_read_only = '{'on' if read_only else 'off'}'") in ours
+        assert "archive_mode" not in (data / "postgresql.auto.conf").read_text()
+        signals = sorted(p.name for p in data.iterdir() if p.name.endswith(".signal"))
+        assert signals == (["standby.signal"] if read_only else [])
+        for p in [s.dir / "postgresql.conf", s.dir / "pg_hba.conf", data / "postgresql.auto.conf"]:
+            assert p.stat().st_uid == postgres.pg_ids()[0] and p.stat().st_mode & 0o777 == 0o600, p
         assert s.dir.stat().st_uid == postgres.pg_ids()[0] and s.dir.stat().st_mode & 0o777 == 0o700
     finally:
         subprocess.run(["rm", "-rf", str(root)], check=True)

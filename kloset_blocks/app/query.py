@@ -374,8 +374,9 @@ class QueryRun:
         argv = server.psql_argv([*args, "-d", self.options.db, "-c", self.options.sql])
         try:
             p = subprocess.run(
-                argv, capture_output=True, timeout=self.options.timeout, stdin=subprocess.DEVNULL, cwd="/"
-            )
+                argv, capture_output=True, timeout=self.options.timeout, stdin=subprocess.DEVNULL, cwd="/",
+                env=postgres.child_env(),
+            )  # fmt: skip
         except subprocess.TimeoutExpired:
             raise QueryError(f"query did not finish within {self.options.timeout:.0f} s") from None
         err = p.stderr.decode(errors="replace")

@@ -10,17 +10,20 @@ from collections.abc import Sequence
 from typing import Any, TextIO
 
 from kloset_blocks.app.query import STATUS_EMPTY, STATUS_ERROR, STATUS_ROWS, QueryRun, Result
+from kloset_blocks.names import escape_name, visible
 from kloset_blocks.units import format_size
 
 # --- output --------------------------------------------------------------------------------------
 
 
 def render_table(columns: Sequence[str], rows: Sequence[Sequence[str | None]]) -> list[str]:
-    """psql-like aligned table (NULL shown empty, as psql does); multi-line values on one line."""
+    """psql-like aligned table (NULL shown empty, as psql does); multi-line values on one line, and
+    no control character of a value reaches the terminal raw (names are data)."""
 
     def cell(v: str | None) -> str:
-        return "" if v is None else v.replace("\n", "\\n")
+        return "" if v is None else visible(v)
 
+    columns = [visible(c) for c in columns]
     cells = [[cell(v) for v in row] for row in rows]
     widths = [max([len(c)] + [len(r[i]) for r in cells if i < len(r)]) for i, c in enumerate(columns)]
     out = [" " + " | ".join(c.center(w) for c, w in zip(columns, widths, strict=True))]
@@ -64,7 +67,7 @@ class Printer:
     def _table(self, r: Result) -> None:
         title = f"snapshot {r.info.short_id}  {r.date}"
         if r.info.name:
-            title += f"  {r.info.name}"
+            title += f"  {escape_name(r.info.name)}"
         print(f"== {title}", file=self.out)
         if r.error is not None:
             print(f"error: {r.error}", file=self.out)

@@ -143,7 +143,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s = pgsub.add_parser(
         "start", parents=[quiet, snap], help="start Postgres on a snapshot, leave it running"
     )
-    s.add_argument("--read-only", action="store_true", help="default_transaction_read_only=on")
+    s.add_argument("--read-only", action="store_true", help="a hot standby: the server refuses every write")
     s.set_defaults(handler=cmd_pg_start)
     s = pgsub.add_parser("stop", parents=[quiet], help="stop Postgres and tear its chain down")
     s.set_defaults(handler=cmd_pg_stop)
@@ -154,7 +154,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="psql on a snapshot, nothing restored; tears down at exit",
         usage="%(prog)s [options] STORE SNAP [options --] [PSQL_ARGS ...]",
     )
-    p.add_argument("--read-only", action="store_true", help="default_transaction_read_only=on")
+    p.add_argument("--read-only", action="store_true", help="a hot standby: the server refuses every write")
     p.add_argument("psql_args", nargs=argparse.REMAINDER, metavar="PSQL_ARGS", help="passed to psql")
     p.set_defaults(handler=cmd_psql)
 

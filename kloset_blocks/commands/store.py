@@ -22,6 +22,7 @@ from concurrent.futures import Future
 
 from kloset_blocks.app.check import open_checked_store
 from kloset_blocks.errors import KlosetError, NotFound, UsageError
+from kloset_blocks.names import escape_name
 from kloset_blocks.store import Entry, Snapshot, Store
 from kloset_blocks.store.snapshot import SnapshotFile, clean_path
 from kloset_blocks.units import format_size
@@ -82,9 +83,10 @@ def _resolve(store: Store, target: str) -> tuple[Snapshot, bytes]:
     return snap, clean_path(raw)
 
 
-def _s(path: bytes) -> str:
-    # surrogateescape: _out() writes names back as their original bytes.
-    return path.decode("utf-8", "surrogateescape")
+def _s(path: bytes | str) -> str:
+    # Names from a snapshot are data: quoted as GNU ls quotes them on a terminal, so no control
+    # character (newline, escape sequence) reaches the terminal raw.
+    return escape_name(path)
 
 
 def _out(line: str) -> None:
@@ -98,8 +100,8 @@ def cmd_snapshots(args: argparse.Namespace) -> int:
     with _open(args) as store:
         for info in store.snapshots():
             when = info.timestamp.strftime("%Y-%m-%dT%H:%M:%SZ")
-            source = f"{info.importer_type}:{info.importer_origin}:{info.importer_directory}"
-            _out(f"{info.short_id}  {when}  {info.name}  {format_size(info.size)}  {source}")
+            source = _s(f"{info.importer_type}:{info.importer_origin}:{info.importer_directory}")
+            _out(f"{info.short_id}  {when}  {_s(info.name)}  {format_size(info.size)}  {source}")
     return 0
 
 
@@ -107,8 +109,8 @@ def cmd_snapshots(args: argparse.Namespace) -> int:
 
 
 def _long(name: bytes, e: Entry) -> str:
-    owner = e.username or str(e.uid)
-    group = e.groupname or str(e.gid)
+    owner = _s(e.username) if e.username else str(e.uid)
+    group = _s(e.groupname) if e.groupname else str(e.gid)
     when = time.strftime("%Y-%m-%d %H:%M", time.gmtime(e.mtime_ns // 1_000_000_000))
     line = f"{stat.filemode(e.st_mode)} {owner:>8} {group:>8} {e.size:>12} {when} {_s(name)}"
     if e.is_symlink and e.symlink_target is not None:
@@ -230,6 +232,8 @@ class Restorer:
         return count
 
     def _one(self, path: bytes, e: Entry) -> None:
+        if b"\0" in path or (e.symlink_target is not None and b"\0" in e.symlink_target):
+            raise KlosetError(f"restore: {_s(path)} holds a NUL byte: no file system can hold that name")
         parent = posixpath.dirname(path)
         if path != self.base and parent not in self.made:
             raise KlosetError(f"restore: parent of {_s(path)} was not restored as a directory")

@@ -69,7 +69,7 @@ class Chain:
         progress: Progress | None = None,
         timeout: float = 30.0,
         qcow2_options: str = QCOW2_OPTIONS,
-        mount_options: str = "noatime",
+        mount_options: str = "noatime,nosuid,nodev,noexec",  # a backup is untrusted input
         state: Mapping[str, Any] | None = None,
     ) -> None:
         self.backing = backing

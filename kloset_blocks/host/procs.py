@@ -11,7 +11,7 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
-from kloset_blocks.host.tools import AttachError
+from kloset_blocks.host.tools import AttachError, clean_env
 
 # --- processes -----------------------------------------------------------------------------------
 
@@ -106,13 +106,10 @@ def child_pids(pid: int) -> list[int]:
         return []
 
 
-def child_env(extra: Mapping[str, str | None] | None) -> dict[str, str] | None:
-    """This process's environment with `extra` applied (a None value unsets the variable), or None
-    (inherit) when there is nothing to change."""
-    if not extra:
-        return None
-    env = {**os.environ, **extra}
-    return {k: v for k, v in env.items() if v is not None}
+def child_env(extra: Mapping[str, str | None] | None) -> dict[str, str]:
+    """This process's environment without the store's secrets, with `extra` applied (a None value
+    unsets the variable): nbdkit gets the key through `extra`, nothing else gets any secret."""
+    return clean_env(extra)
 
 
 def spawn(

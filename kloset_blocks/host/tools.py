@@ -6,12 +6,25 @@ import os
 import re
 import signal
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from kloset_blocks.errors import KlosetError
+from kloset_blocks.store.passphrase import KEY_ENV, PASSPHRASE_ENV
 
 TOOL_TIMEOUT = 60.0
+
+
+# The store's secrets: the passphrase (PLAKAR_PASSPHRASE) and the key derived from it. Only nbdkit
+# needs the key (given explicitly); no child inherits either.
+SECRET_ENV = (PASSPHRASE_ENV, KEY_ENV)
+
+
+def clean_env(extra: Mapping[str, str | None] | None = None) -> dict[str, str]:
+    """This process's environment without the secrets, with `extra` applied (None unsets)."""
+    env: dict[str, str | None] = {k: v for k, v in os.environ.items() if k not in SECRET_ENV}
+    env.update(extra or {})
+    return {k: v for k, v in env.items() if v is not None}
 
 
 class AttachError(KlosetError):
@@ -25,7 +38,12 @@ def run_tool(argv: Sequence[str], what: str, *, timeout: float = TOOL_TIMEOUT) -
     """Run a tool to completion; failure -> AttachError with its last stderr line."""
     try:
         p = subprocess.run(
-            list(argv), stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout
+            list(argv),
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=clean_env(),
         )
     except FileNotFoundError as e:
         raise AttachError(f"{what}: {argv[0]} not found (run `make deps`)") from e

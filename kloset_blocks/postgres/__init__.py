@@ -15,7 +15,14 @@ from kloset_blocks.postgres.datadir import (
     pg_ids,
     prepare_datadir,
 )
-from kloset_blocks.postgres.server import NoWalError, Server, relevant_lines, start_server, stop_recorded
+from kloset_blocks.postgres.server import (
+    NoWalError,
+    Server,
+    child_env,
+    relevant_lines,
+    start_server,
+    stop_recorded,
+)
 
 __all__ = [
     "PG_USER",
@@ -24,6 +31,7 @@ __all__ = [
     "PgError",
     "Server",
     "check_major",
+    "child_env",
     "ensure_traversable",
     "find_data_dir",
     "fix_ownership",

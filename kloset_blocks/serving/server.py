@@ -422,7 +422,10 @@ class Server:
         assert self.config.stats is not None
         with self._stats_lock:
             tmp = self.config.stats + ".tmp"
-            with open(tmp, "w") as f:
+            # 0600 whatever nbdkit's umask: the counters name the store's snapshots and sizes.
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+            os.fchmod(fd, 0o600)
+            with os.fdopen(fd, "w") as f:
                 json.dump(self.stats(), f, indent=1, sort_keys=True)
             os.replace(tmp, self.config.stats)
 
