@@ -29,15 +29,49 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve Kloset snapshots as block devices and run PostgreSQL on them, nothing restored.",
     )
     parser.add_argument("--version", action="version", version=f"kloset-blocks {__version__}")
+    parser.add_argument(
+        "--store-config",
+        metavar="FILE",
+        help="key=value options of a remote store (access_key, secret_access_key, identity, ...)",
+    )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(subparsers)
     return parser
 
 
+def take_store_config(argv: list[str]) -> tuple[list[str], str | None]:
+    """`--store-config FILE` (or `=FILE`) taken out of argv wherever it stands before a `--`, so
+    every command accepts it without each declaring it (it names the options file of remote
+    stores, kloset_blocks/store/options.py)."""
+    out: list[str] = []
+    found = None
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--":
+            out.extend(argv[i:])
+            break
+        if arg == "--store-config" and i + 1 < len(argv):
+            found = argv[i + 1]
+            i += 2
+            continue
+        if arg.startswith("--store-config="):
+            found = arg.split("=", 1)[1]
+        else:
+            out.append(arg)
+        i += 1
+    return out, found
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv, store_config = take_store_config(list(sys.argv[1:] if argv is None else argv))
     args = build_parser().parse_args(argv)
     try:
+        if store_config is not None:
+            from kloset_blocks.store.options import use_config_file
+
+            use_config_file(store_config)
         return int(args.handler(args) or 0)
     except KlosetError as e:
         print(f"kloset-blocks: {e}", file=sys.stderr)

@@ -12,6 +12,7 @@ APT_PACKAGES=(
   qemu-utils qemu-system-common fuse3 python3-pyfuse3
   e2fsprogs postgresql postgresql-contrib
   python3-venv python3-pip util-linux kmod liblz4-1
+  openssh-server openssh-client   # remote stores' tests: sshd on loopback
   chromium fonts-dejavu-core   # `kloset-blocks ui`'s browser tests (Playwright drives Debian's chromium)
 )
 
@@ -29,8 +30,9 @@ if ((${#missing[@]})); then
   export DEBIAN_FRONTEND=noninteractive
   apt-get -o DPkg::Lock::Timeout=600 update -qq
   apt-get -o DPkg::Lock::Timeout=600 install -y -q --no-install-recommends "${missing[@]}" >/dev/null
-  # Debian starts a default cluster on install; tests run their own clusters.
+  # Debian starts a default cluster and sshd on install; tests run their own.
   systemctl disable --now postgresql >/dev/null 2>&1 || true
+  systemctl disable --now ssh >/dev/null 2>&1 || true
 fi
 
 VENV=.venv

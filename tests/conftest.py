@@ -68,3 +68,20 @@ def server_for(store: Path, *params: str, snapshot: str = "bf6afbae") -> Server:
     server.config_complete()
     server.get_ready()
     return server
+
+
+# Real remote-store servers on loopback (tests/remote_servers.py), one per test module that uses them.
+@pytest.fixture(scope="module")
+def s3() -> Iterator[object]:
+    from tests.remote_servers import moto_server
+
+    with moto_server() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def ssh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    from tests.remote_servers import sshd_server
+
+    with sshd_server(tmp_path_factory.mktemp("ssh")) as server:
+        yield server

@@ -45,8 +45,8 @@ BIG = b"/base/16384/16397"
 @pytest.mark.parametrize(
     ("location", "error", "message"),
     [
-        ("s3:bucket/x", StoreError, "unsupported store backend: s3 (supported: fs)"),
-        ("sftp://host/x", StoreError, "unsupported store backend: sftp (supported: fs)"),
+        ("s3:bucket/x", StoreError, "store location 's3:bucket/x': expected s3://HOST/..."),
+        ("ftp://host/x", StoreError, "unsupported store backend: ftp (supported: fs, s3, sftp)"),
         ("/nonexistent/store", StoreError, "store not found"),
         ("fs:/nonexistent/store", StoreError, "store not found"),
         (str(PLAIN / "states"), StoreError, "not a kloset store"),
@@ -380,7 +380,7 @@ def test_reader_never_writes(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("args", "env", "needles"),
     [
-        (["snapshots", "s3:bucket"], {}, ["unsupported store backend: s3 (supported: fs)"]),
+        (["snapshots", "ftp://bucket/x"], {}, ["unsupported store backend: ftp (supported: fs, s3, sftp)"]),
         (["snapshots", "/nonexistent"], {}, ["store not found"]),
         (["snapshots", str(PLAIN / "packfiles")], {}, ["not a kloset store"]),
         (["ls", str(PLAIN), "ffff"], {}, ["no snapshot has prefix 'ffff'"]),

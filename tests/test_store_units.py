@@ -110,10 +110,40 @@ def test_codec_refuses_unknown_algorithms(config: dict, message: str) -> None:
     ],
 )
 def test_parse_location(location: str, expected: str) -> None:
-    assert parse_location(location) == expected
+    loc = parse_location(location)
+    assert (loc.scheme, loc.path) == ("fs", expected)
 
 
-@pytest.mark.parametrize("location", ["s3:b", "sftp://h/x", "ptar:/x", "/x/y.ptar", ""])
+@pytest.mark.parametrize(
+    ("location", "fields"),
+    [
+        ("s3://127.0.0.1:9000/bkt", ("s3", "127.0.0.1", 9000, None, "bkt", "")),
+        ("S3://s3.example.com/bkt/a/b/", ("s3", "s3.example.com", None, None, "bkt", "a/b/")),
+        ("s3://[::1]:81/bkt/p", ("s3", "::1", 81, None, "bkt", "p/")),
+        ("sftp://backup@host:2222/srv/store", ("sftp", "host", 2222, "backup", "", "/srv/store")),
+        ("sftp://host/srv/store/", ("sftp", "host", None, None, "", "/srv/store")),
+    ],
+)
+def test_parse_remote_location(location: str, fields: tuple) -> None:
+    loc = parse_location(location)
+    assert (loc.scheme, loc.host, loc.port, loc.user, loc.bucket, loc.path) == fields
+    assert loc.remote and loc.display == location
+
+
+@pytest.mark.parametrize(
+    "location",
+    [
+        "s3:b",
+        "s3://host",
+        "s3://host:99999/b",
+        "sftp://h",
+        "sftp://h/",
+        "ftp://h/x",
+        "ptar:/x",
+        "/x/y.ptar",
+        "",
+    ],
+)
 def test_parse_location_refuses(location: str) -> None:
     with pytest.raises(StoreError):
         parse_location(location)

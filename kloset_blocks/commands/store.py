@@ -23,6 +23,7 @@ import posixpath
 import stat
 import sys
 import time
+from concurrent.futures import Future
 
 from kloset_blocks.app.check import open_checked_store
 from kloset_blocks.errors import KlosetError, NotFound, UsageError
@@ -169,6 +170,43 @@ def cmd_cat(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- restore
 
 
+SMALL_FILE = 2 << 20
+
+
+class _Ahead:
+    """Small files read ahead of the restore, whole, `window` at a time on the store's workers (for
+    a remote store: otherwise each file would wait its own round trips, one after another). Files
+    are taken in the order given; memory is bounded by window x SMALL_FILE."""
+
+    def __init__(self, snap: Snapshot, files: list[Entry]) -> None:
+        self.snap = snap
+        self.window = snap.store.backend.parallelism if snap.store.remote else 2
+        self.files = files if snap.store.remote else []
+        self.next = 0
+        self.pending: dict[int, Future[list[bytes]]] = {}
+        self._fill()
+
+    def _read(self, entry: Entry) -> list[bytes]:
+        return list(SnapshotFile(self.snap, entry).iter_read())
+
+    def _fill(self) -> None:
+        while self.next < len(self.files) and len(self.pending) < self.window:
+            entry = self.files[self.next]
+            self.pending[id(entry)] = self.snap.store.executor.submit(self._read, entry)
+            self.next += 1
+
+    def take(self, entry: Entry) -> list[bytes] | None:
+        future = self.pending.pop(id(entry), None)
+        if future is None:
+            return None
+        self._fill()
+        return future.result()
+
+    def close(self) -> None:
+        for future in self.pending.values():
+            future.cancel()
+
+
 class Restorer:
     def __init__(self, snap: Snapshot, root: bytes, dest: str) -> None:
         self.snap = snap
@@ -181,6 +219,7 @@ class Restorer:
         self.files: dict[bytes, bytes] = {}  # snapshot path -> restored path of regular files
         self.damaged: list[tuple[bytes, str]] = []  # (snapshot path, why) left out or incomplete
         self._tmp = 0
+        self.ahead = _Ahead(snap, [])
 
     def local(self, path: bytes) -> bytes:
         if path == self.base:
@@ -200,12 +239,18 @@ class Restorer:
         self.base = top.path
         count = 0
         links: list[tuple[bytes, Entry]] = []
-        for path, entry in self.snap.walk(self.root):
-            if self.snap.hardlink_target(entry) is not None:
-                links.append((path, entry))  # after every file: the target may come later
-                continue
-            self._one(path, entry)
-            count += 1
+        entries = list(self.snap.walk(self.root))
+        small = [e for _, e in entries if e.is_reg and e.size <= SMALL_FILE]
+        self.ahead = _Ahead(self.snap, [e for e in small if self.snap.hardlink_target(e) is None])
+        try:
+            for path, entry in entries:
+                if self.snap.hardlink_target(entry) is not None:
+                    links.append((path, entry))  # after every file: the target may come later
+                    continue
+                self._one(path, entry)
+                count += 1
+        finally:
+            self.ahead.close()
         for path, entry in links:
             self._one(path, entry)
             count += 1
@@ -271,7 +316,8 @@ class Restorer:
         whole = False
         try:
             f = SnapshotFile(self.snap, content)
-            for piece in f.iter_read(readahead=2):
+            pieces = self.ahead.take(content) if content is meta else None
+            for piece in pieces if pieces is not None else f.iter_read(readahead=self.ahead.window):
                 view = memoryview(piece)
                 while view:
                     view = view[os.write(fd, view) :]

@@ -20,7 +20,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "if DEST is already a store, add the snapshot to it (only new chunks are written). "
         f"The passphrase of an encrypted store comes from ${PASSPHRASE_ENV} or --passphrase-file.",
     )
-    p.add_argument("dest", metavar="DEST", help="store directory (fs backend layout)")
+    p.add_argument(
+        "dest", metavar="DEST", help="store: a directory, s3://HOST/BUCKET[/PREFIX] or sftp://HOST/PATH"
+    )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--from-dir", metavar="DIR", help="back up this directory (it becomes /)")
     src.add_argument(
@@ -70,6 +72,18 @@ def _passphrase(args: argparse.Namespace, required: bool) -> bytes | None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from kloset_blocks.store.location import parse_location
+
+    loc = parse_location(args.dest)
+    if not loc.remote:
+        return _write(args, loc.path)
+    from kloset_blocks.store.upload import remote_workdir
+
+    with remote_workdir(loc) as workdir:
+        return _write(args, workdir)
+
+
+def _write(args: argparse.Namespace, dest: str) -> int:
     from kloset_blocks.writer.store import (
         DEFAULT_CHUNKING,
         DEFAULT_PACKFILE_MAX,
@@ -82,9 +96,9 @@ def run(args: argparse.Namespace) -> int:
     if args.from_dir is not None and not os.path.isdir(args.from_dir):
         raise UsageError(f"--from-dir {args.from_dir}: not a directory")
     chunking = {"chunk_min": args.chunk_min, "chunk_avg": args.chunk_avg, "chunk_max": args.chunk_max}
-    if is_store(args.dest):
+    if is_store(dest):
         snapshot_id = add_snapshot(
-            args.dest,
+            dest,
             source,
             passphrase=_passphrase(args, required=False),
             btree_order=args.btree_order,
@@ -95,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         defaults = dict(zip(chunking, DEFAULT_CHUNKING, strict=True))
         snapshot_id = write_store(
-            args.dest,
+            dest,
             source,
             passphrase=None if args.plaintext else _passphrase(args, required=True),
             compression=None if args.compression == "NONE" else args.compression,

@@ -102,11 +102,14 @@ class DiskCache:
     def wrap_store(self, store: Any) -> None:
         """Route the store's content-addressed metadata reads (read_blob, read_blobs: VFS entries
         and nodes, objects) through the disk too. Replaces the two bound methods on this one Store
-        instance; other blob types (snapshot headers: random ids, not MAC-checkable) pass through."""
+        instance; other blob types (snapshot headers: random ids, not MAC-checkable) pass through,
+        and so do the blobs a remote store preloaded in memory (Packfiles.preloaded: a disk entry
+        each would cost more than the one parallel round that fetched them all)."""
         read_blob, read_blobs = store.read_blob, store.read_blobs
+        in_memory = store.packfiles.preloaded
 
         def cached_read_blob(rtype: int, mac: bytes) -> bytes:
-            if rtype not in CONTENT_ADDRESSED:
+            if rtype not in CONTENT_ADDRESSED or in_memory(rtype, mac):
                 return read_blob(rtype, mac)
             data = self.load(mac, rtype)
             if data is None:
@@ -115,7 +118,7 @@ class DiskCache:
             return data
 
         def cached_read_blobs(rtype: int, macs: list[bytes]) -> list[bytes]:
-            if rtype not in CONTENT_ADDRESSED:
+            if rtype not in CONTENT_ADDRESSED or all(in_memory(rtype, m) for m in macs):
                 return read_blobs(rtype, macs)
             out = [self.load(m, rtype) for m in macs]
             missing = [i for i, d in enumerate(out) if d is None]

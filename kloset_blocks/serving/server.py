@@ -10,7 +10,8 @@
 # an alias of the same export), their images built on first open and then kept. With
 # lazy=true (`kloset-blocks query`) the default export too is built on first open, so one broken
 # snapshot fails only its own exports. cache-dir= puts a DiskCache (diskcache.py) under the
-# ChunkCache: a second tier that persists decoded chunks across runs.
+# ChunkCache: a second tier that persists decoded chunks across runs; a remote store gets one by
+# default (a round trip to it costs far more than a disk read).
 #
 # Reads: BlockImage.readinto stitches regions; file regions read chunks through one ChunkCache
 # shared by every export (chunks common to several snapshots are fetched once). nbdkit's `cache`
@@ -63,15 +64,18 @@ from kloset_blocks.errors import KlosetError, UsageError
 from kloset_blocks.image.block import BlockImage
 from kloset_blocks.image.snapshot import ImageOptions, chunk_macs, snapshot_image
 from kloset_blocks.serving.chunks import ChunkCache
+from kloset_blocks.store.codec import RT_CHUNK
 from kloset_blocks.store.passphrase import Secret, key_from_env, passphrase_source
 from kloset_blocks.units import format_size, parse_size
 
 if TYPE_CHECKING:
     from kloset_blocks.serving.diskcache import DiskCache
+    from kloset_blocks.serving.startup import StartupProfile
     from kloset_blocks.store import SnapshotInfo, Store
 
 CONFIG_HELP = """\
-store=STORE        Kloset store: fs:/path, fs:///path or /path (required)
+store=STORE        Kloset store: fs:/path, fs:///path, /path, s3://HOST[:PORT]/BUCKET[/PREFIX] or
+                   sftp://[USER@]HOST[:PORT]/PATH (required; remote options: store/options.py)
 snapshot=PREFIX    snapshot id prefix (default: the latest)
 path=PATH          serve this directory of the snapshot as the filesystem root (default /)
 pgdata=true        serve the directory holding PG_VERSION as the root
@@ -90,7 +94,9 @@ passphrase=-|+FILE passphrase: - prompts, +FILE reads a file (default: $KLOSET_B
                    $PLAKAR_PASSPHRASE; then a prompt)
 lazy=true          build every export's image on first open, the default one too (a snapshot that
                    cannot be served then fails its own open, not nbdkit's start)
-cache-dir=DIR      persistent on-disk chunk cache (zstd entries, MAC-checked on every hit)
+cache-dir=DIR      persistent on-disk chunk cache (zstd entries, MAC-checked on every hit); for a
+                   remote store (s3://, sftp://) on by default in $XDG_CACHE_HOME/kloset-blocks;
+                   cache-dir=off turns it off
 cache-dir-size=SIZE bound of the on-disk cache (default 4G; least recently used entries go first)
 stats=FILE         write cache and fetch counters as JSON to FILE at exit (and when a client closes)"""
 
@@ -222,7 +228,9 @@ class Server:
         self.config = PluginConfig()
         self.store: Store | None = None
         self.cache: ChunkCache | None = None
-        self.disk: DiskCache | None = None  # with cache-dir=
+        self.disk: DiskCache | None = None  # with cache-dir= (by default for a remote store)
+        self.startup: StartupProfile | None = None  # what a start read (remote stores)
+        self._startup_macs: list[bytes] = []
         self._stats_lock = threading.Lock()
         self.exports: dict[str, Export] = {}
         self.default_export = ""
@@ -251,16 +259,27 @@ class Server:
         passphrase, key = self.config.secret()
         self.store = open_store(self.config.store, passphrase, key=key)
         fetch = self.store.read_chunk
-        if self.config.cache_dir:
+        cache_dir = self.config.cache_dir
+        if cache_dir is None and self.store.remote:
+            cache_dir = default_cache_dir()  # a remote store: the on-disk cache is on by default
+        if cache_dir and cache_dir != "off":
             from kloset_blocks.serving.diskcache import DiskCache
 
             repository_id = bytes(self.store.config.get("RepositoryID") or b"")
-            self.disk = DiskCache(
-                self.config.cache_dir, self.store.codec, repository_id, self.config.cache_dir_size
-            )
+            self.disk = DiskCache(cache_dir, self.store.codec, repository_id, self.config.cache_dir_size)
             fetch = self.disk.wrap(fetch)
             self.disk.wrap_store(self.store)  # the snapshots' metadata, too
-        self.cache = ChunkCache(fetch, max_bytes=self.config.cache)
+            if self.store.remote:  # what this start reads, prefetched at the next one
+                from kloset_blocks.serving.startup import StartupProfile
+
+                self.startup = StartupProfile(self.disk.dir)
+                self._startup_macs = [
+                    m for m in self.startup.load() if self.store.index.locations(RT_CHUNK, m)
+                ]
+                fetch = self.startup.wrap(fetch)
+        # A remote store answers in tens of ms: keep as many fetches in flight as it takes.
+        workers = self.store.backend.parallelism if self.store.remote else 2
+        self.cache = ChunkCache(fetch, max_bytes=self.config.cache, prefetch_workers=workers)
         info = self.store.find_snapshot(self.config.snapshot)
         self.default_export = info.hex_id
         if not self.config.lazy:
@@ -272,6 +291,10 @@ class Server:
         return [(info.hex_id, describe(info)) for info in reversed(self.store.snapshots())]
 
     def open(self, export_name: str) -> Export:
+        if self._startup_macs:  # on the first connection: worker threads do not survive the fork
+            with self._build_lock:
+                macs, self._startup_macs = self._startup_macs, []
+            self.cache.prefetch(macs)
         return self._export(export_name or self.default_export)
 
     def _export(self, name: str) -> Export:
@@ -454,10 +477,18 @@ class Server:
             self._planner = None
         if self.cache is not None:
             self.cache.shutdown()
+        if self.startup is not None:
+            self.startup.save()
         if self.disk is not None:
             self.disk.flush()
         if self.config.stats:
             self.write_stats()
+
+
+def default_cache_dir() -> str:
+    """$XDG_CACHE_HOME/kloset-blocks (~/.cache/kloset-blocks): where remote stores are cached."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "kloset-blocks")
 
 
 def describe(info: SnapshotInfo) -> str:

@@ -20,6 +20,7 @@ from typing import Any
 
 from kloset_blocks.errors import CorruptionError, PassphraseError, StoreError, UnsupportedVersion
 from kloset_blocks.store import codec as c
+from kloset_blocks.store.backend import Backend, as_backend
 from kloset_blocks.store.passphrase import Secret
 
 CONFIG_VERSION = c.pack_version(1, 0, 0)
@@ -34,25 +35,28 @@ class StoreConfig:
     codec: c.Codec
 
 
-def read_config_file(root: str, display: str) -> bytes:
-    if not os.path.isdir(root):
-        raise StoreError(f"store not found: {display} (no such directory)")
-    path = os.path.join(root, "CONFIG")
+def read_config_file(backend: Backend | str, display: str | None = None) -> bytes:
+    """The raw CONFIG object (StoreError: no store there, or no CONFIG in it)."""
+    backend = as_backend(backend)
     try:
-        with open(path, "rb") as f:
-            raw = f.read(MAX_CONFIG + 1)
+        raw = backend.read("CONFIG")
     except FileNotFoundError:
-        raise StoreError(f"not a kloset store: {display} (no CONFIG file)") from None
-    except OSError as e:
-        raise StoreError(f"cannot read {path}: {e.strerror}") from None
+        raise StoreError(
+            f"not a kloset store: {display or backend.location.display} (no CONFIG file)"
+        ) from None
     if len(raw) > MAX_CONFIG:
-        raise CorruptionError(f"{c.DAMAGED_CONFIG}: {path} is larger than {MAX_CONFIG} bytes")
+        raise CorruptionError(
+            f"{c.DAMAGED_CONFIG}: {backend.describe('CONFIG')} is larger than {MAX_CONFIG} bytes"
+        )
     return raw
 
 
-def load_config(root: str, display: str, passphrase: Secret | None, key: bytes | None = None) -> StoreConfig:
-    raw = read_config_file(root, display)
-    path = os.path.join(root, "CONFIG")
+def load_config(
+    backend: Backend | str, display: str, passphrase: Secret | None, key: bytes | None = None
+) -> StoreConfig:
+    backend = as_backend(backend)
+    raw = read_config_file(backend, display)
+    path = backend.describe("CONFIG")
     version, payload = c.unwrap(raw, c.RT_CONFIG, None, path)
     if version != CONFIG_VERSION:
         raise UnsupportedVersion(

@@ -1,73 +1,111 @@
-# Reading blobs out of packfiles: one os.pread of exactly the blob's bytes at file offset
-# 16 + offset (offsets are relative to the payload, §5.2), then decode and, for content-addressed
-# types, check MAC(plaintext) == the blob id (§3.2). Nothing ever reads a whole packfile.
+# Reading blobs out of packfiles: one ranged read (Backend.read_range: os.pread on fs, a ranged GET
+# on S3) of exactly the blob's bytes at object offset 16 + offset (offsets are relative to the
+# payload, §5.2), then decode and, for content-addressed types, check MAC(plaintext) == the blob id
+# (§3.2). Nothing ever reads a whole packfile.
 #
 # Invariants:
-# - Thread-safe: packfile fds are opened O_RDONLY once and kept; reads use os.pread only (no
-#   shared file position), so any number of threads may read at once. The fd table is only
-#   mutated under `_lock`.
+# - Thread-safe: the backend is; `_checked` (packfiles whose header was checked) and the pool are
+#   only mutated under `_lock`.
 # - Errors name the packfile, the blob type and MAC: CorruptionError for damaged bytes,
 #   UnsupportedVersion for blobs recorded with a newer version.
 # - `bytes_read` / `preads` count every pread (encoded bytes, any blob type) for the nbdkit plugin's
 #   stats; updated under `_count_lock` since `+=` on an attribute is not atomic across threads.
-# - read_many coalesces blobs lying close together in one packfile into one pread (<= 4 MiB,
-#   like Go's read planner), which is what makes scanning a VFS tree cheap.
+# - read_many coalesces blobs lying close together in one packfile into one read (<= 4 MiB,
+#   like Go's read planner), which is what makes scanning a VFS tree cheap; on a remote store the
+#   reads of different spans are in flight at once.
 from __future__ import annotations
 
-import os
 import struct
 import threading
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 from kloset_blocks.errors import CorruptionError, StoreError, UnsupportedVersion
 from kloset_blocks.store import codec as c
+from kloset_blocks.store.backend import Backend, as_backend
 from kloset_blocks.store.state import Location, LocationIndex
 
 MAX_COALESCED = 4 << 20
 PACKFILE_VERSION_MAX = c.pack_version(1, 0, 0)
 MAX_GAP = 64 << 10
+# Metadata preloaded from a remote store: every blob but file contents (chunks, objects: the
+# objects lie among the chunks, so fetching them would fetch the data too) and padding, when they
+# add up to at most PRELOAD_MAX encoded bytes.
+PRELOAD_TYPES = frozenset(
+    {
+        c.RT_SNAPSHOT,
+        c.RT_VFS_BTREE,
+        c.RT_VFS_NODE,
+        c.RT_VFS_ENTRY,
+        c.RT_ERROR_BTREE,
+        c.RT_ERROR_NODE,
+        c.RT_XATTR_BTREE,
+        c.RT_XATTR_NODE,
+        c.RT_BTREE_ROOT,
+        c.RT_BTREE_NODE,
+        c.RT_VFS_SUMMARY,
+    }
+)
+PRELOAD_MAX = 64 << 20
 
 
 class Packfiles:
-    def __init__(self, root: str, codec: c.Codec, index: LocationIndex) -> None:
-        self.root = root
+    def __init__(self, backend: Backend | str, codec: c.Codec, index: LocationIndex) -> None:
+        self.backend = as_backend(backend)
         self.codec = codec
         self.index = index
-        self._fds: dict[bytes, int] = {}
+        self._checked: set[bytes] = set()
         self._lock = threading.Lock()
         self._closed = False
+        self._pool: ThreadPoolExecutor | None = None
         self._count_lock = threading.Lock()
         self.bytes_read = 0
         self.preads = 0
+        self._preloaded: dict[tuple[int, bytes], bytes] = {}
+
+    def preload(self, rtypes: frozenset[int] = PRELOAD_TYPES, limit: int = PRELOAD_MAX) -> int:
+        """Fetch every blob of `rtypes` at once, in coalesced ranges all in flight together, and keep
+        their encoded bytes (decoded and MAC-checked when read, like any blob): on a remote store a
+        B-tree descent is otherwise one round trip per level. Nothing when they exceed `limit`
+        bytes. Returns the bytes kept."""
+        blobs = list(self.index.blobs_of_types(rtypes))
+        total = sum(loc.length for _, _, loc in blobs)
+        if not blobs or total > limit:
+            return 0
+        by_pf: dict[bytes, list[tuple[int, Location]]] = {}
+        for i, (_, _, loc) in enumerate(blobs):
+            by_pf.setdefault(loc.packfile, []).append((i, loc))
+        runs = [run for pf, items in by_pf.items() for run in plan_runs(pf, items)]
+        kept: dict[tuple[int, bytes], bytes] = {}
+
+        def fetch(run: tuple[Location, list[tuple[int, Location]]]) -> None:
+            span, items = run
+            try:
+                buf = memoryview(self.pread(span))
+            except (FileNotFoundError, CorruptionError):
+                return  # read (and reported) blob by blob later, if ever needed
+            for i, loc in items:
+                rel = loc.offset - span.offset
+                kept[(blobs[i][0], blobs[i][1])] = bytes(buf[rel : rel + loc.length])
+
+        for future in [self.pool().submit(fetch, run) for run in runs]:
+            future.result()
+        self._preloaded = kept
+        return total
 
     # ------------------------------------------------------------ files
 
-    def path(self, packfile: bytes) -> str:
+    @staticmethod
+    def key(packfile: bytes) -> str:
         name = packfile.hex()
-        return os.path.join(self.root, "packfiles", name[:2], name)
+        return f"packfiles/{name[:2]}/{name}"
 
-    def _fd(self, packfile: bytes) -> int:
-        fd = self._fds.get(packfile)
-        if fd is not None:
-            return fd
-        with self._lock:
-            if self._closed:
-                raise StoreError("store is closed")
-            fd = self._fds.get(packfile)
-            if fd is None:
-                fd = os.open(self.path(packfile), os.O_RDONLY | os.O_CLOEXEC)
-                try:
-                    self._check_header(fd, packfile)
-                except BaseException:
-                    os.close(fd)
-                    raise
-                self._fds[packfile] = fd
-            return fd
+    def path(self, packfile: bytes) -> str:
+        return self.backend.describe(self.key(packfile))
 
-    def _check_header(self, fd: int, packfile: bytes) -> None:
+    def _check_header(self, head: bytes, packfile: bytes) -> None:
         """Magic, type and version of the wrapper, once per packfile (the trailer MAC would need
         the whole file: blobs are checked by their own MACs instead)."""
-        head = os.pread(fd, c.HEADER_SIZE, 0)
         path = self.path(packfile)
         if len(head) < c.HEADER_SIZE or head[:8] not in (c.MAGIC, c.LEGACY_MAGIC):
             raise CorruptionError(f"packfile {path}: not a kloset object (bad magic)")
@@ -78,26 +116,55 @@ class Packfiles:
             raise UnsupportedVersion(
                 f"unsupported packfile version {c.version_str(version)} (this reader supports 1.0.0): {path}"
             )
+        with self._lock:
+            self._checked.add(packfile)
 
     def close(self) -> None:
         with self._lock:
             self._closed = True
-            fds, self._fds = self._fds, {}
-        for fd in fds.values():
-            os.close(fd)
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+        self.backend.close()
 
-    def pread(self, loc: Location) -> bytes:
-        """The encoded bytes of one blob (FileNotFoundError when its packfile is gone)."""
-        data = os.pread(self._fd(loc.packfile), loc.length, c.HEADER_SIZE + loc.offset)
+    def _read(self, packfile: bytes, offset: int, length: int) -> bytes:
+        if self._closed:
+            raise StoreError("store is closed")
+        data = self.backend.read_range(self.key(packfile), offset, length)
         with self._count_lock:
             self.bytes_read += len(data)
             self.preads += 1
+        return data
+
+    def pread(self, loc: Location) -> bytes:
+        """The encoded bytes of one blob (FileNotFoundError when its packfile is gone). The
+        packfile's header is checked on its first read: within the same request when the blob
+        lies near the start (one round trip to a remote store, not two)."""
+        start = c.HEADER_SIZE + loc.offset
+        if loc.packfile in self._checked:
+            data = self._read(loc.packfile, start, loc.length)
+        elif start <= MAX_GAP and self.backend.location.remote:
+            data = self._read(loc.packfile, 0, start + loc.length)
+            self._check_header(data[: c.HEADER_SIZE], loc.packfile)
+            data = data[start:]
+        else:  # a local header read is not counted: the counters are the blobs' bytes, as before
+            self._check_header(
+                self.backend.read_range(self.key(loc.packfile), 0, c.HEADER_SIZE), loc.packfile
+            )
+            data = self._read(loc.packfile, start, loc.length)
         if len(data) != loc.length:
             raise CorruptionError(
                 f"packfile {self.path(loc.packfile)}: truncated (blob at {loc.offset}+{loc.length}"
                 f" ends past the end of the file)"
             )
         return data
+
+    def pool(self) -> ThreadPoolExecutor:
+        """Threads that keep `backend.parallelism` requests in flight (remote stores)."""
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.backend.parallelism, thread_name_prefix="kloset-fetch")
+            return self._pool
 
     # ------------------------------------------------------------ blobs
 
@@ -115,7 +182,14 @@ class Packfiles:
             )
         return locs
 
+    def preloaded(self, rtype: int, mac: bytes) -> bool:
+        """Whether preload() holds this blob in memory."""
+        return (rtype, mac) in self._preloaded
+
     def read_encoded(self, rtype: int, mac: bytes) -> tuple[Location, bytes]:
+        data = self._preloaded.get((rtype, mac))
+        if data is not None:
+            return self.locate(rtype, mac)[0], data
         last: OSError | None = None
         for loc in self.locate(rtype, mac):
             try:
@@ -146,46 +220,59 @@ class Packfiles:
         return f"packfile {self.path(loc.packfile)}: {c.rt_name(rtype)} blob {mac.hex()}"
 
     def read_many(self, rtype: int, macs: Sequence[bytes]) -> list[bytes]:
-        """Decoded blobs in the order of `macs`, fetched with coalesced preads."""
+        """Decoded blobs in the order of `macs`, fetched with coalesced reads (in parallel on a
+        remote store)."""
         if len(macs) <= 1:
             return [self.read(rtype, m) for m in macs]
         wanted: dict[bytes, list[tuple[int, Location]]] = {}
         for i, mac in enumerate(macs):
             loc = self.locate(rtype, mac)[0]
             wanted.setdefault(loc.packfile, []).append((i, loc))
+        if self._preloaded and all((rtype, m) in self._preloaded for m in macs):
+            return [self.read(rtype, m) for m in macs]
         out: list[bytes | None] = [None] * len(macs)
-        for packfile, items in wanted.items():
-            items.sort(key=lambda t: t[1].offset)
+        runs = [run for packfile, items in wanted.items() for run in plan_runs(packfile, items)]
+
+        def fetch(run: tuple[Location, list[tuple[int, Location]]]) -> None:
+            span, items = run
             try:
-                self._read_runs(rtype, macs, packfile, items, out)
-            except FileNotFoundError:
+                buf = memoryview(self.pread(span))
+            except FileNotFoundError:  # maintenance may have removed it: the other copies
                 for i, _ in items:
                     out[i] = self.read(rtype, macs[i])
+                return
+            for i, loc in items:
+                rel = loc.offset - span.offset
+                out[i] = self._decode(rtype, macs[i], loc, bytes(buf[rel : rel + loc.length]))
+
+        if self.backend.parallelism > 2 and len(runs) > 1:
+            for future in [self.pool().submit(fetch, run) for run in runs]:
+                future.result()
+        else:
+            for run in runs:
+                fetch(run)
         return out  # type: ignore[return-value]
 
-    def _read_runs(
-        self,
-        rtype: int,
-        macs: Sequence[bytes],
-        packfile: bytes,
-        items: list[tuple[int, Location]],
-        out: list[bytes | None],
-    ) -> None:
-        start = 0
-        while start < len(items):
-            first = items[start][1]
-            end = start + 1
-            run_end = first.offset + first.length
-            while end < len(items):
-                nxt = items[end][1]
-                new_end = max(run_end, nxt.offset + nxt.length)
-                if nxt.offset > run_end + MAX_GAP or new_end - first.offset > MAX_COALESCED:
-                    break
-                run_end = new_end
-                end += 1
-            span = Location(packfile, first.offset, run_end - first.offset)
-            buf = memoryview(self.pread(span))
-            for i, loc in items[start:end]:
-                rel = loc.offset - first.offset
-                out[i] = self._decode(rtype, macs[i], loc, bytes(buf[rel : rel + loc.length]))
-            start = end
+
+def plan_runs(
+    packfile: bytes, items: list[tuple[int, Location]]
+) -> list[tuple[Location, list[tuple[int, Location]]]]:
+    """Blobs of one packfile grouped into spans of at most MAX_COALESCED bytes, a gap of at most
+    MAX_GAP between neighbours: (span, the blobs in it)."""
+    items = sorted(items, key=lambda t: t[1].offset)
+    runs = []
+    start = 0
+    while start < len(items):
+        first = items[start][1]
+        end = start + 1
+        run_end = first.offset + first.length
+        while end < len(items):
+            nxt = items[end][1]
+            new_end = max(run_end, nxt.offset + nxt.length)
+            if nxt.offset > run_end + MAX_GAP or new_end - first.offset > MAX_COALESCED:
+                break
+            run_end = new_end
+            end += 1
+        runs.append((Location(packfile, first.offset, run_end - first.offset), items[start:end]))
+        start = end
+    return runs

@@ -1,6 +1,7 @@
-# The location index rebuilt from `states/` alone (§6): every state file is checked (wrapper
-# type, version <= 1.1.0, trailer MAC), decoded, ordered topologically by parent and applied in
-# that order, so DELETE entries undo exactly what came before them. ALL states are merged: each
+# The location index rebuilt from `states/` alone (§6), read through the store's Backend
+# (fetched in parallel from a remote one): every state file is checked (wrapper type, version
+# <= 1.1.0, trailer MAC), decoded, ordered topologically by parent and applied in that order, so
+# DELETE entries undo exactly what came before them. ALL states are merged: each
 # backup writes its own state listing only the blobs it added (§17.9).
 #
 # Invariants:
@@ -16,13 +17,14 @@
 #   A DELETE or colouring lost with it may bring back a deleted snapshot, still MAC-checked.
 from __future__ import annotations
 
-import os
 import struct
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from kloset_blocks.errors import CorruptionError, KlosetError, UnsupportedVersion
 from kloset_blocks.store import codec as c
+from kloset_blocks.store.backend import Backend, as_backend
 
 STATE_VERSION_MAX = c.pack_version(1, 1, 0)
 STATE_V1_1 = c.pack_version(1, 1, 0)
@@ -55,18 +57,14 @@ def is_hex_id(name: str) -> bool:
     return True
 
 
-def list_bucketed(directory: str) -> Iterator[tuple[bytes, str]]:
-    """(id, path) of every `<dir>/<bucket>/<64 hex>` regular file, skipping anything else as plakar does."""
-    try:
-        buckets = sorted(os.scandir(directory), key=lambda d: d.name)
-    except FileNotFoundError:
-        return
-    for bucket in buckets:
-        if not bucket.is_dir(follow_symlinks=False):
-            continue
-        for f in sorted(os.scandir(bucket.path), key=lambda d: d.name):
-            if f.is_file(follow_symlinks=False) and is_hex_id(f.name):
-                yield bytes.fromhex(f.name), f.path
+def list_bucketed(backend: Backend, kind: str) -> list[tuple[bytes, str]]:
+    """(id, key) of every `<kind>/<bucket>/<64 hex>` object, skipping anything else as plakar does."""
+    out = []
+    for key in backend.list(kind + "/"):
+        parts = key.split("/")
+        if len(parts) == 3 and is_hex_id(parts[2]):
+            out.append((bytes.fromhex(parts[2]), key))
+    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,14 +118,31 @@ class LocationIndex:
     # ------------------------------------------------------------ building
 
     @classmethod
-    def build(cls, root: str, codec: c.Codec) -> LocationIndex:
+    def build(cls, backend: Backend | str, codec: c.Codec) -> LocationIndex:
+        """From every state of the store; remote states are fetched `backend.parallelism` at a time."""
+        backend = as_backend(backend)
+        listed = list_bucketed(backend, "states")
+
+        def read(item: tuple[bytes, str]) -> _State | str:
+            # A state that cannot be read is left out (and said): only the snapshots whose blobs
+            # it located fail, with the reason.
+            try:
+                return _read_state(item[0], backend, item[1], codec)
+            except KlosetError as e:
+                return str(e)
+
+        if backend.parallelism > 2 and len(listed) > 1:
+            with ThreadPoolExecutor(min(backend.parallelism, len(listed))) as pool:
+                read_states = list(pool.map(read, listed))
+        else:
+            read_states = [read(item) for item in listed]
         index = cls()
         states = []
-        for ident, path in list_bucketed(os.path.join(root, "states")):
-            try:
-                states.append(_read_state(ident, path, codec))
-            except KlosetError as e:
-                index.damaged.append((path, str(e)))
+        for (_, key), state in zip(listed, read_states, strict=True):
+            if isinstance(state, str):
+                index.damaged.append((backend.describe(key), state))
+            else:
+                states.append(state)
         for state in _topo_order(states):
             index._apply(state)
             index.states.append(state.ident)
@@ -212,6 +227,14 @@ class LocationIndex:
                 out.append(Location(self._packfile_ids[pf], (p >> 32) & 0xFFFFFFFFFFFFFFFF, p & 0xFFFFFFFF))
         return out
 
+    def blobs_of_types(self, rtypes: frozenset[int]) -> Iterator[tuple[int, bytes, Location]]:
+        """(type, mac, best live location) of every indexed blob of one of `rtypes`."""
+        for key in self._loc:
+            if key[0] in rtypes:
+                locs = self.locations(key[0], key[1:])
+                if locs:
+                    yield key[0], key[1:], locs[0]
+
     def blob_version(self, rtype: int, mac: bytes) -> int | None:
         """The delta version when newer than this reader knows, else None."""
         return self._newer.get(bytes([rtype]) + mac)
@@ -228,12 +251,12 @@ class LocationIndex:
         return len(self._loc)
 
 
-def _read_state(ident: bytes, path: str, codec: c.Codec) -> _State:
+def _read_state(ident: bytes, backend: Backend, key: str, codec: c.Codec) -> _State:
+    path = backend.describe(key)
     try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except OSError as e:
-        raise CorruptionError(f"cannot read state {path}: {e.strerror}") from None
+        raw = backend.read(key)
+    except FileNotFoundError:
+        raise CorruptionError(f"cannot read state {path}: it disappeared") from None
     version, payload = c.unwrap(raw, c.RT_STATE, codec.mac, f"state {path}")
     if version > STATE_VERSION_MAX:
         raise UnsupportedVersion(

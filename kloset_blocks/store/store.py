@@ -1,11 +1,13 @@
-# A read-only Kloset store on the local filesystem: open_store() resolves the location, unlocks
-# CONFIG (one key derivation per Store), rebuilds the location index from every state, and then
-# serves blobs, snapshots and their files.
+# A read-only Kloset store: open_store() resolves the location to a Backend (store/backend.py:
+# a local directory, an S3 bucket, an SFTP directory), unlocks CONFIG (one key derivation per
+# Store), rebuilds the location index from every state, and then serves blobs, snapshots and their
+# files.
 #
 # Invariants:
-# - Never writes: every file is opened O_RDONLY, nothing is created in the store directory.
+# - Never writes: backends are read-only; nothing is created in the store.
 # - Thread-safe (nbdkit PARALLEL): the index and codec are immutable after open; packfile reads
-#   are os.pread; the small caches (snapshot headers, B-tree nodes) are guarded by a lock.
+#   go through the thread-safe backend; the small caches (snapshot headers, B-tree nodes) are
+#   guarded by a lock.
 # - Every failure is a KlosetError subclass with a one-line message naming the file or blob.
 # - Damage costs what it touches: a state that cannot be read is left out of the index (state.py),
 #   a snapshot whose header cannot be read is left out of snapshots(); problems() lists both.
@@ -22,6 +24,7 @@ from typing import Any
 
 from kloset_blocks.errors import AmbiguousSnapshot, CorruptionError, KlosetError, NotFound
 from kloset_blocks.store import codec as c
+from kloset_blocks.store.backend import Backend, open_backend
 from kloset_blocks.store.btree import BNode
 from kloset_blocks.store.config import StoreConfig, load_config
 from kloset_blocks.store.location import parse_location
@@ -58,15 +61,18 @@ def match_prefix(ids: Sequence[bytes], prefix: str, note: str = "") -> bytes:
 
 
 class Store:
-    def __init__(self, location: str, root: str, cfg: StoreConfig) -> None:
+    def __init__(self, location: str, backend: Backend, cfg: StoreConfig) -> None:
         self.location = location
-        self.root = root
+        self.backend = backend
+        self.remote = backend.location.remote
         self.version = cfg.version
         self.config = cfg.config
         self.codec = cfg.codec
         self.encrypted = cfg.codec.encrypted
-        self.index = LocationIndex.build(root, cfg.codec)
-        self.packfiles = Packfiles(root, cfg.codec, self.index)
+        self.index = LocationIndex.build(backend, cfg.codec)
+        self.packfiles = Packfiles(backend, cfg.codec, self.index)
+        if self.remote:  # snapshot headers and trees in one parallel round, not a request per node
+            self.packfiles.preload()
         self._lock = threading.Lock()
         self._infos: dict[bytes, SnapshotInfo] = {}
         self._unreadable: dict[bytes, str] = {}
@@ -81,8 +87,9 @@ class Store:
         """Worker threads for read-ahead (SnapshotFile.iter_read), created on first use."""
         with self._lock:
             if self._executor is None:
+                workers = self.backend.parallelism if self.remote else min(8, os.cpu_count() or 2)
                 self._executor = ThreadPoolExecutor(
-                    max_workers=min(8, os.cpu_count() or 2), thread_name_prefix="kloset-readahead"
+                    max_workers=workers, thread_name_prefix="kloset-readahead"
                 )
             return self._executor
 
@@ -202,8 +209,12 @@ class Store:
 def open_store(location: str, passphrase: Secret | None = None, *, key: bytes | None = None) -> Store:
     """Open a Kloset store read-only. An encrypted one needs its passphrase (bytes, str, or a
     callable called only then: store.passphrase.passphrase_source) or its derived `key`."""
-    root = parse_location(location)
-    display = location if ":" in location else root
-    cfg = load_config(root, display, passphrase, key)
-    _raise_fd_limit()
-    return Store(display, root, cfg)
+    loc = parse_location(location)
+    backend = open_backend(loc)
+    try:
+        cfg = load_config(backend, loc.display, passphrase, key)
+        _raise_fd_limit()
+        return Store(loc.display, backend, cfg)
+    except BaseException:
+        backend.close()
+        raise

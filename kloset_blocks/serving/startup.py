@@ -1,0 +1,77 @@
+# Startup prefetch: PostgreSQL reads nearly the same chunks at every start (the control file, the
+# catalogs, the WAL named by backup_label), one after another, each a round trip to a remote store.
+# So the chunks fetched during a start are recorded, and at the next start of any snapshot of the
+# same store they are all fetched at once, in parallel, before Postgres asks for them.
+#
+# Strategy: the profile is a file in the store's on-disk cache directory, `startup-chunks`: the MACs
+# (32 bytes each) of the first LIMIT chunks the client's reads fetched (not the prefetches: a profile
+# must not keep itself alive) within WINDOW seconds of the first one, in that order. It is written
+# at exit (temporary file renamed into place) and read at the next start.
+#
+# Invariants:
+# - A hint only: a MAC that is not (or no longer) in the store is skipped; every chunk is fetched
+#   and MAC-checked as on any read, so a damaged or stale profile costs bytes, never correctness.
+# - Bounded: LIMIT MACs in memory and on disk.
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+LIMIT = 4096
+WINDOW = 60.0
+NAME = "startup-chunks"
+MAC = 32
+PREFETCH_THREAD = "kloset-prefetch"  # ChunkCache's worker threads (serving/chunks.py)
+
+
+class StartupProfile:
+    def __init__(self, directory: Path, limit: int = LIMIT, window: float = WINDOW) -> None:
+        self.path = directory / NAME
+        self.limit = limit
+        self.window = window
+        self._seen: dict[bytes, None] = {}
+        self._first: float | None = None
+        self._lock = threading.Lock()
+
+    def load(self) -> list[bytes]:
+        """The MACs recorded by the last start (none when there is no readable profile)."""
+        try:
+            data = self.path.read_bytes()[: self.limit * MAC]
+        except OSError:
+            return []
+        return [data[i : i + MAC] for i in range(0, len(data) - MAC + 1, MAC)]
+
+    def wrap(self, fetch: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+        """`fetch`, recording what it is asked for during the start window."""
+
+        def recording(mac: bytes) -> Any:
+            self.note(mac)
+            return fetch(mac)
+
+        return recording
+
+    def note(self, mac: bytes) -> None:
+        if threading.current_thread().name == PREFETCH_THREAD:
+            return  # only what the client asked for: else a profile would keep its own prefetches
+        now = time.monotonic()
+        with self._lock:
+            if self._first is None:
+                self._first = now
+            if now - self._first <= self.window and len(self._seen) < self.limit:
+                self._seen.setdefault(mac, None)
+
+    def save(self) -> None:
+        """Replace the profile with this start's (kept as it was when this start fetched nothing)."""
+        with self._lock:
+            macs = list(self._seen)
+        if not macs:
+            return
+        tmp = self.path.with_name(f".{NAME}.{os.getpid()}")
+        with contextlib.suppress(OSError):
+            tmp.write_bytes(b"".join(macs))
+            os.replace(tmp, self.path)

@@ -1,0 +1,225 @@
+"""Real remote-store servers on loopback for tests and benchmarks: moto's standalone S3 server,
+Debian's OpenSSH sshd (a generated host key and user key, sftp via internal-sftp), and the
+project's delaying proxy (scripts/delayproxy.py). Each is a context manager that leaves nothing
+running behind it."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_port(port: int, proc: subprocess.Popen, what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"{what} did not listen on port {port}")
+
+
+@contextlib.contextmanager
+def _process(argv: list[str], port: int, what: str, **kw) -> Iterator[subprocess.Popen]:
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, **kw)
+    try:
+        _wait_port(port, proc, what)
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@dataclass
+class S3Server:
+    port: int
+    access_key: str = "kloset-test"
+    secret_key: str = "kloset-test-secret"
+
+    def config(self, path: Path, port: int | None = None, **extra: str) -> Path:
+        """A --store-config file for this server (or a proxy in front of it at `port`)."""
+        lines = {
+            "access_key": self.access_key,
+            "secret_access_key": self.secret_key,
+            "use_tls": "false",
+            "timeout": "10",
+            **extra,
+        }
+        path.write_text("".join(f"{k}={v}\n" for k, v in lines.items()))
+        return path
+
+    def location(self, bucket: str, prefix: str = "", port: int | None = None) -> str:
+        return f"s3://127.0.0.1:{port or self.port}/{bucket}" + (f"/{prefix}" if prefix else "")
+
+    def client(self):  # type: ignore[no-untyped-def]
+        from minio import Minio
+
+        return Minio(
+            f"127.0.0.1:{self.port}", self.access_key, self.secret_key, secure=False, region="us-east-1"
+        )
+
+    def put_tree(self, root: Path, bucket: str, prefix: str = "") -> None:
+        """Copy a store directory into the bucket, keys as plakar lays them out."""
+        client = self.client()
+        if not client.bucket_exists(bucket):
+            client.make_bucket(bucket)
+        for path in sorted(root.rglob("*")):
+            if path.is_file():
+                key = (prefix + "/" if prefix else "") + str(path.relative_to(root))
+                client.fput_object(bucket, key, str(path))
+
+    def listing(self, bucket: str) -> list[tuple[str, str, int]]:
+        """(key, etag, size) of every object: to show that nothing was written."""
+        objs = self.client().list_objects(bucket, recursive=True)
+        return sorted((o.object_name, o.etag, o.size) for o in objs)
+
+
+# moto's own `moto_server` runs on werkzeug's development server, which closes the connection after
+# every response: each request would pay a TCP handshake that no real S3 endpoint makes a client
+# pay. The same moto application under waitress keeps connections alive, as S3 does.
+_MOTO = (
+    "import sys, waitress;"
+    "from moto.server import DomainDispatcherApplication, create_backend_app;"
+    "waitress.serve(DomainDispatcherApplication(create_backend_app), host='127.0.0.1',"
+    " port=int(sys.argv[1]), threads=16, _quiet=True)"
+)
+
+
+@contextlib.contextmanager
+def moto_server() -> Iterator[S3Server]:
+    port = free_port()
+    argv = [sys.executable, "-c", _MOTO, str(port)]
+    with _process(argv, port, "moto_server", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL):
+        yield S3Server(port)
+
+
+@dataclass
+class SshServer:
+    port: int
+    dir: Path
+    user: str
+    identity: Path
+    known_hosts: Path
+    host_pub: str
+
+    def config(self, path: Path, **extra: str) -> Path:
+        lines = {
+            "identity": str(self.identity),
+            "known_hosts": str(self.known_hosts),
+            "timeout": "10",
+            **extra,
+        }
+        path.write_text("".join(f"{k}={v}\n" for k, v in lines.items()))
+        return path
+
+    def location(self, path: Path, port: int | None = None) -> str:
+        return f"sftp://{self.user}@127.0.0.1:{port or self.port}{path}"
+
+    def known_hosts_for(self, port: int) -> Path:
+        """A known_hosts file naming this server's key at another port (a proxy in front of it)."""
+        out = self.dir / f"known_hosts.{port}"
+        out.write_text(f"[127.0.0.1]:{port} {self.host_pub}\n")
+        return out
+
+
+def _keygen(path: Path) -> str:
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(path)], check=True)
+    return path.with_suffix(".pub").read_text().strip()
+
+
+@contextlib.contextmanager
+def sshd_server(base: Path) -> Iterator[SshServer]:
+    """OpenSSH's sshd on a loopback port, accepting only a generated user key for the current
+    user; its sftp is internal-sftp."""
+    import getpass
+
+    d = base / "sshd"
+    d.mkdir(parents=True)
+    host_pub = _keygen(d / "host_ed25519")
+    user_pub = _keygen(d / "user_ed25519")
+    (d / "authorized_keys").write_text(user_pub + "\n")
+    os.chmod(d / "authorized_keys", 0o600)
+    port = free_port()
+    user = getpass.getuser()
+    cfg = d / "sshd_config"
+    cfg.write_text(
+        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {d / 'host_ed25519'}\n"
+        f"AuthorizedKeysFile {d / 'authorized_keys'}\nPidFile {d / 'sshd.pid'}\n"
+        "PasswordAuthentication no\nKbdInteractiveAuthentication no\nPubkeyAuthentication yes\n"
+        "PermitRootLogin prohibit-password\nUsePAM no\nStrictModes no\nMaxSessions 64\nMaxStartups 64\n"
+        "Subsystem sftp internal-sftp\nLogLevel ERROR\n"
+    )
+    os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # sshd's privilege separation directory
+    known = d / "known_hosts"
+    known.write_text(f"[127.0.0.1]:{port} {' '.join(host_pub.split()[:2])}\n")
+    sshd = shutil.which("sshd") or "/usr/sbin/sshd"
+    with _process([sshd, "-D", "-e", "-f", str(cfg)], port, "sshd", stderr=subprocess.DEVNULL):
+        yield SshServer(port, d, user, d / "user_ed25519", known, " ".join(host_pub.split()[:2]))
+
+
+@dataclass
+class DelayProxy:
+    port: int
+    stats_file: Path
+    proc: subprocess.Popen | None = None
+
+    def stats(self) -> dict[str, int]:
+        """The counters so far (asks a running proxy to write them) or at its exit."""
+        import json
+        import signal
+
+        if self.proc is not None and self.proc.poll() is None:
+            before = self.stats_file.stat().st_mtime_ns if self.stats_file.exists() else 0
+            self.proc.send_signal(signal.SIGUSR1)
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                if self.stats_file.exists() and self.stats_file.stat().st_mtime_ns != before:
+                    break
+                time.sleep(0.01)
+        return json.loads(self.stats_file.read_text())
+
+
+@contextlib.contextmanager
+def delay_proxy(
+    target_port: int, base: Path, delay_ms: float = 25, rate_mbit: float = 200
+) -> Iterator[DelayProxy]:
+    port = free_port()
+    stats = base / f"proxy-{port}.json"
+    argv = [
+        sys.executable,
+        str(REPO / "scripts" / "delayproxy.py"),
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--target",
+        f"127.0.0.1:{target_port}",
+        "--delay-ms",
+        str(delay_ms),
+        "--rate-mbit",
+        str(rate_mbit),
+        "--stats",
+        str(stats),
+    ]
+    with _process(argv, port, "delayproxy", stdout=subprocess.DEVNULL) as proc:
+        yield DelayProxy(port, stats, proc)
