@@ -68,6 +68,7 @@ CONF_MAX = 1 << 20  # a configuration file larger than this is not read (a snaps
 SIGNALS = ("recovery.signal", "standby.signal")
 
 
+IO_ERROR = "Input/output error"
 NO_WAL_PATTERNS = (
     "could not locate required checkpoint record",
     "could not locate a valid checkpoint record",
@@ -210,6 +211,7 @@ class Server:
         assert self.proc is not None
         pidfile = self.cluster.datadir / "postmaster.pid"
         deadline = time.monotonic() + self.timeout
+        next_log_check = time.monotonic() + 0.5
         started = False
         while True:
             lines = _read_lines(pidfile)
@@ -224,6 +226,12 @@ class Server:
                 raise self._start_failure()
             if time.monotonic() > deadline:
                 raise PgError(f"postgres not ready within {self.timeout:.0f} s (log: {self.log})")
+            if time.monotonic() > next_log_check:
+                # A standby (--read-only) that cannot read its WAL waits for more forever: an I/O
+                # error from the overlay (the backing gone, a damaged chunk) ends the start instead.
+                next_log_check = time.monotonic() + 0.5
+                if IO_ERROR in (text := _read_text(self.log)):
+                    raise PgError(f"postgres failed to start: {relevant_lines(text)}")
             time.sleep(0.01)
 
     def _start_failure(self) -> PgError:
