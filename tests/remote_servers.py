@@ -96,21 +96,14 @@ class S3Server:
         return sorted((o.object_name, o.etag, o.size) for o in objs)
 
 
-# moto's own `moto_server` runs on werkzeug's development server, which closes the connection after
-# every response: each request would pay a TCP handshake that no real S3 endpoint makes a client
-# pay. The same moto application under waitress keeps connections alive, as S3 does.
-_MOTO = (
-    "import sys, waitress;"
-    "from moto.server import DomainDispatcherApplication, create_backend_app;"
-    "waitress.serve(DomainDispatcherApplication(create_backend_app), host='127.0.0.1',"
-    " port=int(sys.argv[1]), threads=16, _quiet=True)"
-)
+# moto under waitress, ranged GETs reading only their range: see tests/moto_serve.py.
+_MOTO = REPO / "tests" / "moto_serve.py"
 
 
 @contextlib.contextmanager
 def moto_server() -> Iterator[S3Server]:
     port = free_port()
-    argv = [sys.executable, "-c", _MOTO, str(port)]
+    argv = [sys.executable, str(_MOTO), str(port)]
     with _process(argv, port, "moto_server", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL):
         yield S3Server(port)
 

@@ -279,3 +279,32 @@ def test_startup_profile_prefetches_what_the_last_start_read(
     assert second.cache.stats.prefetched >= len(recorded) // 2  # some may be cached already
     second.cleanup()
     second.store.close()
+
+
+# The test server's ranged GETs (tests/moto_serve.py reads only the range) against Python's own
+# slicing of the object: (offset, length) as the reader asks, 0 meaning "to the end".
+RANGES = [(0, 1), (5, 100), (1 << 20, 4 << 20), (9_000_000 - 10, 0), (9_000_000 - 10, 100), (0, 9_000_000)]
+
+
+def test_moto_ranged_gets_equal_the_object(s3: S3Server) -> None:
+    import io
+
+    from minio.error import S3Error
+
+    data = os.urandom(9_000_000)
+    client = s3.client()
+    if not client.bucket_exists("ranges"):
+        client.make_bucket("ranges")
+    client.put_object("ranges", "blob", io.BytesIO(data), len(data))
+    for offset, length in RANGES:
+        resp = client.get_object("ranges", "blob", offset=offset, length=length or None)
+        try:
+            body, content_range = resp.read(), resp.headers.get("content-range")
+        finally:
+            resp.release_conn()
+        want = data[offset : offset + length] if length else data[offset:]
+        assert body == want, (offset, length)
+        assert content_range == f"bytes {offset}-{offset + len(want) - 1}/{len(data)}"
+    with pytest.raises(S3Error) as past_the_end:
+        client.get_object("ranges", "blob", offset=len(data), length=10)
+    assert past_the_end.value.code == "InvalidRange"
