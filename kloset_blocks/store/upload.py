@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 import contextlib
-import io
+import hashlib
 import os
 import shutil
 import tempfile
@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from kloset_blocks.errors import StoreError
 from kloset_blocks.store.backend import Backend, open_backend
 from kloset_blocks.store.location import StoreLocation
-from kloset_blocks.store.options import store_options
+from kloset_blocks.store.options import retry, store_options
 
 ORDER = ("packfiles/", "states/", "CONFIG")
 
@@ -71,14 +71,17 @@ def upload(root: str, loc: StoreLocation, backend: Backend, existing: set[str]) 
 def _ensure_root(loc: StoreLocation) -> None:
     """Create the bucket (s3) or directory (sftp) of a new store."""
     if loc.scheme == "s3":
-        from kloset_blocks.store.backend_s3 import make_client
+        from kloset_blocks.store.backend_s3 import S3Client, _describe
 
-        client = make_client(loc, store_options("s3"), 4)
+        client = S3Client(loc, store_options("s3"), 4)
         try:
-            if not client.bucket_exists(loc.bucket):
-                client.make_bucket(loc.bucket)
+            _make_bucket(client, loc.bucket)
+        except StoreError:
+            raise
         except Exception as e:
-            raise StoreError(f"cannot create bucket {loc.bucket} at {loc.host}: {e}") from None
+            raise StoreError(f"cannot create bucket {loc.bucket} at {loc.host}: {_describe(e)}") from None
+        finally:
+            client.close()
     elif loc.scheme == "sftp":
         from kloset_blocks.store.backend_sftp import connect
 
@@ -91,12 +94,39 @@ def _ensure_root(loc: StoreLocation) -> None:
             client.close()
 
 
+def _make_bucket(client, bucket: str) -> None:  # type: ignore[no-untyped-def]
+    """CreateBucket unless HeadBucket finds it (outside us-east-1 the region goes in the body)."""
+    from kloset_blocks.store.backend_s3 import S3Error, read_all
+
+    try:
+        client.request("HEAD", f"/{bucket}").release_conn()
+        return
+    except S3Error as e:
+        if e.status != 404:
+            raise
+    body = b""
+    if client.region != "us-east-1":
+        body = (
+            '<CreateBucketConfiguration xmlns="http://s3.amazonaws.com/doc/2006-03-01/">'
+            f"<LocationConstraint>{client.region}</LocationConstraint></CreateBucketConfiguration>"
+        ).encode()
+    read_all(client.request("PUT", f"/{bucket}", body=body, payload_hash=hashlib.sha256(body).hexdigest()))
+
+
 def _putter(loc: StoreLocation, backend: Backend) -> Callable[[str, bytes], None]:
     if loc.scheme == "s3":
+        from kloset_blocks.store.backend_s3 import _describe, _transient, read_all
+
         client = backend.client  # type: ignore[attr-defined]
 
         def put_s3(key: str, data: bytes) -> None:
-            client.put_object(loc.bucket, loc.path + key, io.BytesIO(data), len(data))
+            digest = hashlib.sha256(data).hexdigest()
+
+            def once() -> bytes:
+                path = f"/{loc.bucket}/{loc.path}{key}"
+                return read_all(client.request("PUT", path, body=data, payload_hash=digest))
+
+            retry(once, f"cannot write {backend.describe(key)}", _transient, backend.attempts, _describe)  # type: ignore[attr-defined]
 
         return put_s3
     sftp = backend._client.open_sftp()  # type: ignore[attr-defined]
