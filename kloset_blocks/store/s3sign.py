@@ -28,8 +28,10 @@ def uri_encode(text: str, keep_slash: bool = False) -> str:
 
 
 def canonical_query(params: Iterable[tuple[str, str]]) -> str:
-    """`k=v` pairs, encoded, sorted by key then value, joined by '&' (a key without value: `k=`)."""
-    return "&".join(sorted(f"{uri_encode(k)}={uri_encode(v)}" for k, v in params))
+    """`k=v` pairs, encoded, sorted by key then value (so `a` sorts before `a-b`, which `a=`
+    would not), joined by '&'; a key without a value is `k=`."""
+    pairs = sorted((uri_encode(k), uri_encode(v)) for k, v in params)
+    return "&".join(f"{k}={v}" for k, v in pairs)
 
 
 def _canonical_headers(headers: Mapping[str, str]) -> tuple[str, str]:
