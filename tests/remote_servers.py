@@ -100,12 +100,38 @@ class S3Server:
 _MOTO = REPO / "tests" / "moto_serve.py"
 
 
+# With auth=True moto checks every request's SigV4 signature (botocore's signer recomputes it)
+# and the key's IAM policy, after its first INITIAL_NO_AUTH_ACTION_COUNT requests: those create
+# the IAM user, its allow-all policy and its access key, the only key the server then accepts.
+_IAM_SETUP_REQUESTS = 3
+
+
 @contextlib.contextmanager
-def moto_server() -> Iterator[S3Server]:
+def moto_server(auth: bool = False) -> Iterator[S3Server]:
     port = free_port()
     argv = [sys.executable, str(_MOTO), str(port)]
-    with _process(argv, port, "moto_server", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL):
-        yield S3Server(port)
+    env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": str(_IAM_SETUP_REQUESTS)} if auth else None
+    with _process(argv, port, "moto_server", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env):
+        yield _iam_user(port) if auth else S3Server(port)
+
+
+def _iam_user(port: int) -> S3Server:
+    import json
+
+    import boto3
+
+    iam = boto3.client(
+        "iam",
+        endpoint_url=f"http://127.0.0.1:{port}",
+        region_name="us-east-1",
+        aws_access_key_id="setup",
+        aws_secret_access_key="setup",
+    )
+    policy = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}
+    iam.create_user(UserName="kloset")
+    iam.put_user_policy(UserName="kloset", PolicyName="all", PolicyDocument=json.dumps(policy))
+    key = iam.create_access_key(UserName="kloset")["AccessKey"]
+    return S3Server(port, key["AccessKeyId"], key["SecretAccessKey"])
 
 
 @dataclass

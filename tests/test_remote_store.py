@@ -155,7 +155,7 @@ def _one_line_failure(r: subprocess.CompletedProcess, needle: str) -> None:
 
 
 def test_s3_errors(s3: S3Server, remotes: dict[str, tuple[str, Path]], tmp_path: Path) -> None:
-    # (moto's server accepts any key unless IAM is set up: a wrong key is not testable against it)
+    # (a wrong key needs a server that checks signatures: tests/test_remote_s3_auth.py)
     location, _ = remotes["s3-golden-plain"]
     good = s3.config(tmp_path / "good.conf")
     _one_line_failure(
