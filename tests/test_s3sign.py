@@ -2,18 +2,25 @@
 (the S3 API reference's "Signature Calculations for the Authorization Header" examples and cases of
 AWS's Signature Version 4 test suite), and MinIO's SDK (its URL builder and `sign_v4_s3`) over a
 table of the requests the backend sends and harder ones. Also the parsers of what an S3 server
-answers (error documents, ListObjectsV2 pages), which are untrusted input."""
+answers (error documents, ListObjectsV2 pages) and the backend against a real HTTP server answering as
+a broken or hostile S3 would: the server is untrusted input."""
 
 from __future__ import annotations
 
+import gzip
 import hashlib
+import threading
+from collections.abc import Iterator
 from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from kloset_blocks.errors import StoreError
 from kloset_blocks.store import s3sign
-from kloset_blocks.store.backend_s3 import parse_error, parse_listing
+from kloset_blocks.store.backend_s3 import S3Backend, parse_error, parse_listing
+from kloset_blocks.store.location import parse_location
+from kloset_blocks.store.options import CONFIG_ENV
 from kloset_blocks.store.s3sign import EMPTY_SHA256, UNSIGNED_PAYLOAD, authorization
 
 # The S3 API reference's examples: examplebucket in us-east-1, 20130524T000000Z.
@@ -402,3 +409,84 @@ def test_listing_pages() -> None:
             b'<!DOCTYPE l [<!ENTITY k "x">]><ListBucketResult><Contents><Key>&k;</Key></Contents>'
             b"</ListBucketResult>"
         )
+
+
+# A real HTTP server on loopback answering as a broken or hostile S3 would: the backend must give
+# the right bytes or one clear error, never wrong bytes, a decompressed bomb or an endless listing.
+OBJECT = bytes(range(10))
+GZ = gzip.compress(b"\0" * 100_000, mtime=0)  # 100 KB of zeros, 130 bytes compressed
+
+
+class Hostile(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def _send(self, status: int, body: bytes, **headers: str) -> None:
+        self.send_response(status)
+        for k, v in {"Content-Length": str(len(body)), **headers}.items():
+            self.send_header(k.replace("_", "-"), v)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self) -> None:
+        assert "AWS4-HMAC-SHA256 Credential=AK/" in self.headers["Authorization"]
+        path, _, query = self.path.partition("?")
+        name = path.rsplit("/", 1)[1]
+        if name == "ignores-range":
+            self._send(200, OBJECT)
+        elif name == "other-range":
+            self._send(206, OBJECT[5:8], Content_Range="bytes 5-7/10")
+        elif name == "gzip":
+            self._send(200, GZ, Content_Encoding="gzip")
+        elif name == "cut":
+            self.send_response(200)
+            self.send_header("Content-Length", "100")
+            self.end_headers()
+            self.wfile.write(OBJECT)
+            self.close_connection = True
+        elif name == "missing":
+            self._send(404, b"<Error><Code>NoSuchKey</Code><Message>gone</Message></Error>")
+        elif name == "huge-error":
+            self._send(400, b"<Error><Code>Odd</Code><Message>" + b"x" * (1 << 20) + b"</Message></Error>")
+        elif "list-type=2" in query:  # a listing whose pages never end
+            self._send(200, _page(["p/k"], "same-token"))
+        else:
+            self._send(500, b"")
+
+
+@pytest.fixture
+def hostile(tmp_path, monkeypatch) -> Iterator[S3Backend]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Hostile)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    config = tmp_path / "s3.conf"
+    config.write_text("access_key=AK\nsecret_access_key=SK\nuse_tls=false\nretries=1\ntimeout=5\n")
+    monkeypatch.setenv(CONFIG_ENV, str(config))
+    backend = S3Backend(parse_location(f"s3://127.0.0.1:{server.server_address[1]}/b/p"))
+    try:
+        yield backend
+    finally:
+        backend.close()
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_hostile_server_gives_right_bytes_or_one_error(hostile: S3Backend) -> None:
+    assert hostile.read_range("ignores-range", 0, 3) == OBJECT[:3]  # 200 to a range from 0: cut here
+    with pytest.raises(StoreError, match=r"answered 'status 200' to bytes=2-4$"):
+        hostile.read_range("ignores-range", 2, 3)
+    with pytest.raises(StoreError, match=r"answered 'bytes 5-7/10' to bytes=2-4$"):
+        hostile.read_range("other-range", 2, 3)
+    assert hostile.read("gzip") == GZ  # as stored, not inflated
+    with pytest.raises(StoreError, match=r"Connection broken: IncompleteRead.* \(after 2 attempts\)$"):
+        hostile.read("cut")
+    with pytest.raises(FileNotFoundError):
+        hostile.read("missing")
+    with pytest.raises(StoreError, match=r"huge-error: HTTP status 400$"):  # read up to 64 KiB: not XML
+        hostile.read("huge-error")
+    with pytest.raises(StoreError, match=r"server error 500 \(after 2 attempts\)$"):
+        hostile.read("anything-else")
+    with pytest.raises(StoreError, match="token 'same-token' again"):
+        hostile.list("")

@@ -199,6 +199,8 @@ class S3Client:
         )
         if 200 <= resp.status < 300:
             return resp
+        if method == "HEAD":  # no body
+            resp.release_conn()
         data = read_bounded(resp, MAX_ERROR_BODY) if method != "HEAD" else b""
         raise parse_error(resp.status, data, has_key=path.count("/") > 1)
 
@@ -290,7 +292,7 @@ class S3Backend:
             m = _CONTENT_RANGE.fullmatch(resp.headers.get("content-range", "").strip())
             if resp.status != 206 or not m or int(m[1]) != offset or int(m[2]) >= offset + length:
                 read_bounded(resp, 0)
-                got = resp.headers.get("content-range") or f"status {resp.status}"
+                got = _one_line(resp.headers.get("content-range") or f"status {resp.status}", 80)
                 raise StoreError(
                     f"cannot read {self.describe(key)}: the server answered {got!r} to {want['range']}"
                 )
@@ -320,7 +322,7 @@ class S3Backend:
                 if token is None:
                     break
                 if token in seen:  # a server going round in circles
-                    raise StoreError(f"bad ListObjectsV2 answer from the server (token {token!r} again)")
+                    raise StoreError(f"bad ListObjectsV2 answer from the server (token {token[:64]!r} again)")
                 seen.add(token)
             return sorted(k[len(self.prefix) :] for k in keys if k.startswith(full) and not k.endswith("/"))
 
