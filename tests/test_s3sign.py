@@ -7,12 +7,16 @@ a broken or hostile S3 would: the server is untrusted input."""
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
+import ssl
+import subprocess
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 
@@ -434,7 +438,7 @@ class Hostile(BaseHTTPRequestHandler):
         assert "AWS4-HMAC-SHA256 Credential=AK/" in self.headers["Authorization"]
         path, _, query = self.path.partition("?")
         name = path.rsplit("/", 1)[1]
-        if name == "ignores-range":
+        if name in ("ok", "ignores-range"):
             self._send(200, OBJECT)
         elif name == "other-range":
             self._send(206, OBJECT[5:8], Content_Range="bytes 5-7/10")
@@ -456,21 +460,38 @@ class Hostile(BaseHTTPRequestHandler):
             self._send(500, b"")
 
 
-@pytest.fixture
-def hostile(tmp_path, monkeypatch) -> Iterator[S3Backend]:
+@contextlib.contextmanager
+def serving(tls_cert: Path | None = None) -> Iterator[int]:
+    """The hostile server on a loopback port (over TLS with that certificate and key, if given)."""
     server = ThreadingHTTPServer(("127.0.0.1", 0), Hostile)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    config = tmp_path / "s3.conf"
-    config.write_text("access_key=AK\nsecret_access_key=SK\nuse_tls=false\nretries=1\ntimeout=5\n")
-    monkeypatch.setenv(CONFIG_ENV, str(config))
-    backend = S3Backend(parse_location(f"s3://127.0.0.1:{server.server_address[1]}/b/p"))
+    if tls_cert:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(tls_cert)
+        server.socket = ctx.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        yield backend
+        yield server.server_address[1]
     finally:
-        backend.close()
         server.shutdown()
         server.server_close()
+
+
+def backend_for(port: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **opts: str) -> S3Backend:
+    lines = {"access_key": "AK", "secret_access_key": "SK", "retries": "1", "timeout": "5", **opts}
+    config = tmp_path / "s3.conf"
+    config.write_text("".join(f"{k}={v}\n" for k, v in lines.items()))
+    monkeypatch.setenv(CONFIG_ENV, str(config))
+    return S3Backend(parse_location(f"s3://127.0.0.1:{port}/b/p"))
+
+
+@pytest.fixture
+def hostile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[S3Backend]:
+    with serving() as port:
+        backend = backend_for(port, tmp_path, monkeypatch, use_tls="false")
+        try:
+            yield backend
+        finally:
+            backend.close()
 
 
 def test_a_hostile_server_gives_right_bytes_or_one_error(hostile: S3Backend) -> None:
@@ -490,3 +511,34 @@ def test_a_hostile_server_gives_right_bytes_or_one_error(hostile: S3Backend) -> 
         hostile.read("anything-else")
     with pytest.raises(StoreError, match="token 'same-token' again"):
         hostile.list("")
+
+
+def test_tls_certificates_are_checked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """use_tls (the default): a self-signed certificate is refused at once (not retried); accepted
+    from the bundle SSL_CERT_FILE names, or with tls_insecure_no_verify."""
+    cert = tmp_path / "server.pem"
+    subprocess.run(
+        [
+            *("openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"),
+            *("-nodes", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1", "-days", "1"),
+            *("-keyout", str(cert), "-out", str(tmp_path / "cert.pem")),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    cert.write_text(cert.read_text() + (tmp_path / "cert.pem").read_text())
+    with serving(tls_cert=cert) as port:
+        monkeypatch.delenv("SSL_CERT_FILE", raising=False)  # the system's CA store
+        refused = backend_for(port, tmp_path, monkeypatch)
+        with pytest.raises(StoreError, match=r"/b/p/ok: SSLError: .*certificate verify failed") as e:
+            refused.read("ok")
+        assert "attempts" not in str(e.value)  # not retried
+        refused.close()
+        monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "cert.pem"))
+        trusted = backend_for(port, tmp_path, monkeypatch)
+        assert trusted.read("ok") == OBJECT
+        trusted.close()
+        monkeypatch.delenv("SSL_CERT_FILE")
+        insecure = backend_for(port, tmp_path, monkeypatch, tls_insecure_no_verify="true")
+        assert insecure.read_range("ok", 0, 4) == OBJECT[:4]
+        insecure.close()

@@ -21,6 +21,7 @@
 from __future__ import annotations
 
 import errno
+import os
 import re
 import ssl
 import time
@@ -112,9 +113,9 @@ def parse_listing(body: bytes) -> tuple[list[str], str | None]:
 def _transient(e: BaseException) -> bool:
     if isinstance(e, S3Error):
         return e.code in _TRANSIENT_CODES or (e.code is None and e.status >= 500)
-    return isinstance(e, urllib3.exceptions.HTTPError | OSError | ssl.SSLError) and not isinstance(
-        e, ssl.SSLCertVerificationError
-    )
+    # a certificate that fails verification fails again: urllib3 wraps ssl's error in its own
+    cert_failure = any(isinstance(c, ssl.SSLCertVerificationError) for c in (e, *e.args))
+    return isinstance(e, urllib3.exceptions.HTTPError | OSError | ssl.SSLError) and not cert_failure
 
 
 def _describe(e: BaseException) -> str:
@@ -154,13 +155,14 @@ class S3Client:
             "retries": False,
         }
         if secure:
-            # The system's CA store (OpenSSL's default paths; SSL_CERT_FILE is honoured).
-            cert_reqs = "CERT_NONE" if insecure else "CERT_REQUIRED"
+            # The system's CA store, or the bundle $SSL_CERT_FILE names (as OpenSSL and the S3
+            # SDKs do; Debian's urllib3 would otherwise read its fixed system bundle only).
+            tls: dict[str, str] = {"cert_reqs": "CERT_NONE" if insecure else "CERT_REQUIRED"}
             if insecure:
                 urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
-            self.pool: urllib3.HTTPConnectionPool = urllib3.HTTPSConnectionPool(
-                loc.host, cert_reqs=cert_reqs, **common
-            )
+            elif os.environ.get("SSL_CERT_FILE"):
+                tls["ca_certs"] = os.environ["SSL_CERT_FILE"]
+            self.pool: urllib3.HTTPConnectionPool = urllib3.HTTPSConnectionPool(loc.host, **tls, **common)
         else:
             self.pool = urllib3.HTTPConnectionPool(loc.host, **common)
 
