@@ -8,6 +8,16 @@
 # must not keep itself alive) within WINDOW seconds of the first one, in that order. It is written
 # at exit (temporary file renamed into place) and read at the next start.
 #
+# The profile cannot help the first start (or a start after the store's content moved on), where
+# Postgres' first reads each cost two round trips, one for the file's object (its chunk list),
+# one for the chunk. So a remote snapshot's image is warmed up when it is built (warm_up): the
+# objects of its files, smallest files first (the control file, catalogs, maps, configuration:
+# what every start and first connection read), are fetched in coalesced spans all in flight at
+# once, within WARM_MAX bytes. A small file's chunks are written just before its object, so the
+# same spans (each reaching WARM_LEAD back before its first object) usually hold them too
+# (Packfiles.warm keeps the spans' bytes). Decoding every small file's chunk list to fetch the
+# chunks the spans missed cost more CPU than the round trips it saved (bench/RESULTS.md).
+#
 # Invariants:
 # - A hint only: a MAC that is not (or no longer) in the store is skipped; every chunk is fetched
 #   and MAC-checked as on any read, so a damaged or stale profile costs bytes, never correctness.
@@ -20,13 +30,25 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from kloset_blocks.ext4.layout import FILE
+from kloset_blocks.store.codec import RT_OBJECT
+from kloset_blocks.store.snapshot import SnapshotFile
+
+if TYPE_CHECKING:
+    from kloset_blocks.image.block import BlockImage
+    from kloset_blocks.store import Store
+    from kloset_blocks.store.diskcache import DiskCache
 
 LIMIT = 4096
 WINDOW = 60.0
 NAME = "startup-chunks"
 MAC = 32
 PREFETCH_THREAD = "kloset-prefetch"  # ChunkCache's worker threads (serving/chunks.py)
+# Bytes fetched to warm up a snapshot's image: objects and what lies between them.
+WARM_MAX = 16 << 20
+WARM_LEAD = 64 << 10
 
 
 class StartupProfile:
@@ -75,3 +97,23 @@ class StartupProfile:
         with contextlib.suppress(OSError):
             tmp.write_bytes(b"".join(macs))
             os.replace(tmp, self.path)
+
+
+def warm_up(image: BlockImage, store: Store, disk: DiskCache | None = None) -> int:
+    """Fetch the objects of the image's files (smallest files first; from `disk` when it holds them) and
+    the packfile bytes around them, within WARM_MAX bytes: see the module comment. Returns the
+    bytes of the spans."""
+    files: dict[bytes, SnapshotFile] = {}
+    for region in image.regions:
+        source = region.source
+        if region.kind == FILE and isinstance(source, SnapshotFile) and source.entry.object:
+            files.setdefault(source.entry.object, source)
+    by_size = sorted(files.values(), key=lambda f: f.size)
+    objects = []
+    for f in by_size:
+        found = store.index.locations(RT_OBJECT, f.entry.object)  # type: ignore[arg-type]
+        if found:
+            objects.append(found[0])
+    # Each span reaches back a little before its first object: that file's chunks lie there. The
+    # spans go to the on-disk cache whole: the next start plans the same ones and reads them there.
+    return store.packfiles.warm(objects, WARM_MAX, lead=WARM_LEAD, cache=disk) if objects else 0
