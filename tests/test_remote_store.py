@@ -246,6 +246,7 @@ def test_startup_profile_prefetches_what_the_last_start_read(
     """The plugin over S3: the on-disk cache is on by default (XDG cache dir); the chunks the client
     read are recorded at exit, and the next start (here: of the other snapshot) prefetches them."""
     from kloset_blocks.serving.server import Server
+    from kloset_blocks.serving.startup import at_positions
     from kloset_blocks.store import codec as c
 
     location, config = remotes["s3-golden-plain"]
@@ -271,9 +272,15 @@ def test_startup_profile_prefetches_what_the_last_start_read(
     first.store.close()
     recorded = first.startup.load()
     assert recorded and all(first.store.index.locations(c.RT_CHUNK, m) for m in recorded)
+    # Where those chunks were: placed back in the same snapshot, the places give the same chunks.
+    positions = first.startup.load_positions()
+    assert positions
+    back = at_positions(export.image, positions)
+    assert len(back) == len(positions) and set(back) <= set(recorded)
 
     second = start("3b116f40")
     assert second._startup_macs == recorded
+    assert second._startup_positions == positions
     second.open("")
     second.cache.wait_idle()
     assert second.cache.stats.prefetched >= len(recorded) // 2  # some may be cached already

@@ -232,6 +232,7 @@ class Server:
         self.disk: DiskCache | None = None  # with cache-dir= (by default for a remote store)
         self.startup: StartupProfile | None = None  # what a start read (remote stores)
         self._startup_macs: list[bytes] = []
+        self._startup_positions: list[tuple[bytes, int]] = []
         self._stats_lock = threading.Lock()
         self.exports: dict[str, Export] = {}
         self.default_export = ""
@@ -269,6 +270,7 @@ class Server:
 
             self.startup = StartupProfile(self.disk.dir)
             self._startup_macs = [m for m in self.startup.load() if self.store.index.locations(RT_CHUNK, m)]
+            self._startup_positions = self.startup.load_positions()
             fetch = self.startup.wrap(fetch)
         # A remote store answers in tens of ms: keep as many fetches in flight as it takes.
         workers = self.store.backend.parallelism if self.store.remote else 2
@@ -288,7 +290,19 @@ class Server:
             with self._build_lock:
                 macs, self._startup_macs = self._startup_macs, []
             self.cache.prefetch(macs)
-        return self._export(export_name or self.default_export)
+        export = self._export(export_name or self.default_export)
+        if self._startup_positions:  # the same places in this snapshot (its files may have changed)
+            with self._build_lock:
+                positions, self._startup_positions = self._startup_positions, []
+            threading.Thread(target=self._prefetch_positions, args=(export, positions), daemon=True).start()
+        return export
+
+    def _prefetch_positions(self, export: Export, positions: list[tuple[bytes, int]]) -> None:
+        from kloset_blocks.serving.startup import at_positions
+
+        assert self.cache is not None
+        with contextlib.suppress(KlosetError):  # a hint: what fails is read (and said) later
+            self.cache.prefetch(at_positions(export.image, positions))
 
     def _export(self, name: str) -> Export:
         """The export of the snapshot `name` identifies: its full id, or any unique prefix (the 8-hex
@@ -475,7 +489,7 @@ class Server:
         if self.cache is not None:
             self.cache.shutdown()
         if self.startup is not None:
-            self.startup.save()
+            self.startup.save(export.image for export in self.exports.values())
         if self.disk is not None:
             self.disk.flush()
         if self.config.stats:
