@@ -15,7 +15,7 @@
 #
 # Targets, for each backend (--backends s3 sftp) and network: wan = through scripts/delayproxy.py
 # with the link's delay and rate; lo = through a second delayproxy with no delay and no rate limit,
-# only to count (--lo-direct: straight to the server, uncounted).
+# only to count; direct = straight to the server (bytes uncounted; --nets chooses, default wan lo).
 # Variants (--variants), each on a target:
 # - cold: `kloset-blocks psql LOC SNAP1 -- -c SQL` with an empty on-disk cache (XDG_CACHE_HOME
 #   fresh); time from exec to the first line of psql's output (whole process).
@@ -32,7 +32,7 @@
 # the bucket and the remote directory against their state before the run.
 #
 # Usage (root): .venv/bin/python bench/remote.py [--scale 100] [--runs 1] [--work DIR [--reuse]]
-#   [--backends s3 sftp] [--variants ...] [--lo-direct] [--setup-only] [--json out.json]
+#   [--backends s3 sftp] [--nets wan lo direct] [--variants ...] [--setup-only] [--json out.json]
 from __future__ import annotations
 
 import argparse
@@ -70,6 +70,7 @@ CHANGES = [
     "update pgbench_accounts set abalance = abalance + 5 where (aid / 100) % 100 = 77",
 ]
 SNAPSHOTS = len(CHANGES) + 1
+NETS = ["wan", "lo", "direct"]
 VARIANTS = ["cold", "warm", "next", "query-cold", "query-warm", "restore"]
 MANIFEST = "bench.json"
 # Disk per unit of pgbench scale (at scale 100: a snapshot of 16.7 MiB per unit, the five in a store
@@ -284,6 +285,21 @@ def tree_state(root: Path) -> list[tuple[str, int, int]]:
     return sorted((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*"))
 
 
+def networks(
+    stack: contextlib.ExitStack, port: int, work: Path, a: argparse.Namespace
+) -> list[tuple[str, DelayProxy | None, int]]:
+    """(name, proxy, port to connect to) for each of --nets, the proxies started on `stack`."""
+    out: list[tuple[str, DelayProxy | None, int]] = []
+    for net in a.nets:
+        if net == "direct":
+            out.append((net, None, port))
+            continue
+        delay, rate = (a.delay_ms, a.rate_mbit) if net == "wan" else (0.0, 0.0)
+        proxy = stack.enter_context(delay_proxy(port, work, delay, rate))
+        out.append((net, proxy, proxy.port))
+    return out
+
+
 @contextlib.contextmanager
 def s3_targets(s: Setup, work: Path, a: argparse.Namespace, env0: dict[str, str]) -> Iterator[list[Target]]:
     with moto_server() as s3, contextlib.ExitStack() as stack:
@@ -292,14 +308,10 @@ def s3_targets(s: Setup, work: Path, a: argparse.Namespace, env0: dict[str, str]
         print(f"s3 upload {time.monotonic() - t:.0f} s", file=sys.stderr, flush=True)
         before = s3.listing("bench")
         env = {**env0, "KLOSET_BLOCKS_STORE_CONFIG": str(s3.config(work / "s3.conf"))}
-        targets = []
-        for net, delay, rate in (("wan", a.delay_ms, a.rate_mbit), ("lo", 0.0, 0.0)):
-            if net == "lo" and a.lo_direct:
-                targets.append(Target("s3-lo", s3.location("bench", "pg"), env, None))
-                continue
-            proxy = stack.enter_context(delay_proxy(s3.port, work, delay, rate))
-            targets.append(Target(f"s3-{net}", s3.location("bench", "pg", port=proxy.port), env, proxy))
-        yield targets
+        yield [
+            Target(f"s3-{net}", s3.location("bench", "pg", port=port), env, proxy)
+            for net, proxy, port in networks(stack, s3.port, work, a)
+        ]
         if s3.listing("bench") != before:
             raise SystemExit("remote.py: the bucket changed during the run")
 
@@ -315,12 +327,7 @@ def sftp_targets(s: Setup, work: Path, a: argparse.Namespace, env0: dict[str, st
         before = tree_state(remote)
         with sshd_server(base, count_requests=True) as ssh, contextlib.ExitStack() as stack:
             targets = []
-            for net, delay, rate in (("wan", a.delay_ms, a.rate_mbit), ("lo", 0.0, 0.0)):
-                if net == "lo" and a.lo_direct:
-                    proxy, port = None, ssh.port
-                else:
-                    proxy = stack.enter_context(delay_proxy(ssh.port, work, delay, rate))
-                    port = proxy.port
+            for net, proxy, port in networks(stack, ssh.port, work, a):
                 known = ssh.known_hosts_for(port) if proxy else ssh.known_hosts
                 config = ssh.config(base / f"sftp-{net}.conf", known_hosts=str(known))
                 env = {**env0, "KLOSET_BLOCKS_STORE_CONFIG": str(config)}
@@ -360,7 +367,13 @@ def main() -> int:
     p.add_argument("--setup-only", action="store_true", help="build (or check) the store, measure nothing")
     p.add_argument("--backends", nargs="+", choices=["s3", "sftp"], default=["s3", "sftp"])
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=VARIANTS)
-    p.add_argument("--lo-direct", action="store_true", help="lo straight to the server (no counts)")
+    p.add_argument(
+        "--nets",
+        nargs="+",
+        choices=NETS,
+        default=["wan", "lo"],
+        help="wan: the delayed link; lo: a proxy with no delay, to count; direct: straight to the server",
+    )
     args = p.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="kb-remote-bench-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -394,7 +407,7 @@ def main() -> int:
         "store_bytes": store_bytes,
         "build_seconds": s.times,
         "link": f"{args.delay_ms} ms each way, {args.rate_mbit} Mbit/s",
-        "lo": "direct" if args.lo_direct else "through a delayproxy with no delay and no rate limit",
+        "nets": args.nets,
         "rounds": [],
     }
     env = {**os.environ, RUN_ROOT_ENV: str(run_root)}
