@@ -2,8 +2,9 @@
 every major (tests/test_e2e_majors.py, tests/test_integrity.py).
 
 15 is Debian's (pg_basebackup -F tar -X fetch); 16-18 are the npm builds deps.sh installs in
-/opt/kloset-blocks/pg/<major>/bin (no pg_basebackup: sample.PgCluster.lowlevel_backup, pg_backup_start/stop in one
-psql session). The oracle of each backup is its live server's answers just before it was taken.
+/opt/kloset-blocks/pg/<major>/bin (no pg_basebackup: sample.PgCluster.lowlevel_backup,
+pg_backup_start/stop in one psql session). The oracle of each backup is its live server's answers
+just before it was taken.
 `postgres_bin_tar` lays a backup out as plakar's postgres+bin importer does: /manifest.json first
 (its version 2 format, from the live server's catalogs), then the backup under /data."""
 

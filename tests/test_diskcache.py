@@ -1,4 +1,4 @@
-# The on-disk chunk cache (kloset_blocks/serving/diskcache.py) on real stores: the golden fixtures, written
+# The on-disk chunk cache (kloset_blocks/store/diskcache.py) on real stores: the golden fixtures, written
 # by Kloset's own code. Oracle: the store's own read_chunk (MAC-checked). Every damaged entry must be
 # ignored, counted and refetched; never wrong bytes.
 from __future__ import annotations
@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from kloset_blocks.serving.diskcache import MAGIC, DiskCache
 from kloset_blocks.store import Store
 from kloset_blocks.store import codec as c
+from kloset_blocks.store.diskcache import MAGIC, DiskCache
 from tests.store_helpers import enc_store, plain_store
 
 
@@ -56,9 +56,9 @@ def test_second_cache_instance_fetches_nothing(tmp_path: Path, which: str) -> No
     assert [fetch2(m) for m in macs] == want == [store.read_chunk(m) for m in macs]
     assert src.calls == 4 and second.stats.disk_hits == 4
     for m in macs:
-        raw = second.path(m).read_bytes()
+        raw = Path(second.path(m)).read_bytes()
         assert raw.startswith(MAGIC) and m in raw[:64]
-        assert oct(second.path(m).stat().st_mode & 0o777) == "0o600"
+        assert oct(Path(second.path(m)).stat().st_mode & 0o777) == "0o600"
         if which == "enc":
             # An encrypted store's chunks never sit in the clear: no 64-byte run of plaintext.
             plain = store.read_chunk(m)
@@ -92,7 +92,7 @@ def test_damaged_entry_is_ignored_and_refetched(tmp_path: Path, name: str, damag
     (m,) = some_chunk_macs(store, 1)
     cache = make(store, tmp_path)
     cache.save(m, store.read_chunk(m))
-    damage(cache.path(m))
+    damage(Path(cache.path(m)))
     src = Counting(store)
     assert cache.wrap(src)(m) == store.read_chunk(m)
     assert (src.calls, cache.stats.disk_corrupt, cache.stats.disk_hits) == (1, 1, 0)
@@ -105,14 +105,14 @@ def test_entry_holding_another_chunk_is_rejected(tmp_path: Path) -> None:
     a, b = some_chunk_macs(store, 2)
     cache = make(store, tmp_path)
     cache.save(b, store.read_chunk(b))
-    cache.path(a).parent.mkdir(exist_ok=True)
+    Path(cache.path(a)).parent.mkdir(exist_ok=True)
     # Same layout, but the MAC field says `a` while the content is `b`'s: only the recomputed MAC
     # catches it.
-    entry = cache.path(b).read_bytes()
+    entry = Path(cache.path(b)).read_bytes()
     forged = entry[: len(MAGIC) + 1] + a + entry[len(MAGIC) + 1 + len(a) :]
-    cache.path(a).write_bytes(forged)
+    Path(cache.path(a)).write_bytes(forged)
     assert cache.load(a) is None and cache.stats.disk_corrupt == 1
-    assert not cache.path(a).exists()
+    assert not Path(cache.path(a)).exists()
 
 
 def test_size_is_bounded_and_oldest_go_first(tmp_path: Path) -> None:
@@ -127,7 +127,7 @@ def test_size_is_bounded_and_oldest_go_first(tmp_path: Path) -> None:
         os.utime(cache.path(m), (now - 1000 + i, now - 1000 + i))  # strictly increasing ages
     total = sum(p.stat().st_size for p in (tmp_path / "c").rglob("*") if p.is_file())
     assert total <= bound
-    present = [cache.path(m).exists() for m in macs]
+    present = [os.path.exists(cache.path(m)) for m in macs]
     assert present[-1] and not present[0] and cache.stats.disk_evicted >= 4
     assert present == sorted(present)  # the survivors are the most recent ones
 

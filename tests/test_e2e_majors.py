@@ -1,5 +1,6 @@
 # Every PostgreSQL a backup may hold, end to end: real servers of 15 (Debian's), 16, 17 and 18 (the
-# npm builds `make deps` installs in /opt/kloset-blocks/pg/<major>), each backed up with data checksums on and off
+# npm builds `make deps` installs in /opt/kloset-blocks/pg/<major>), each backed up with data
+# checksums on and off
 # (tests/pg_majors.py), all eight snapshots in ONE store, so that each must run with its own
 # binaries; plus plakar's postgres+bin layout (/manifest.json, the backup under /data).
 #

@@ -246,6 +246,7 @@ def test_startup_profile_prefetches_what_the_last_start_read(
     """The plugin over S3: the on-disk cache is on by default (XDG cache dir); the chunks the client
     read are recorded at exit, and the next start (here: of the other snapshot) prefetches them."""
     from kloset_blocks.serving.server import Server
+    from kloset_blocks.serving.startup import at_positions
     from kloset_blocks.store import codec as c
 
     location, config = remotes["s3-golden-plain"]
@@ -271,9 +272,15 @@ def test_startup_profile_prefetches_what_the_last_start_read(
     first.store.close()
     recorded = first.startup.load()
     assert recorded and all(first.store.index.locations(c.RT_CHUNK, m) for m in recorded)
+    # Where those chunks were: placed back in the same snapshot, the places give the same chunks.
+    positions = first.startup.load_positions()
+    assert positions
+    back = at_positions(export.image, positions)
+    assert len(back) == len(positions) and set(back) <= set(recorded)
 
     second = start("3b116f40")
     assert second._startup_macs == recorded
+    assert second._startup_positions == positions
     second.open("")
     second.cache.wait_idle()
     assert second.cache.stats.prefetched >= len(recorded) // 2  # some may be cached already
@@ -308,3 +315,50 @@ def test_moto_ranged_gets_equal_the_object(s3: S3Server) -> None:
     with pytest.raises(S3Error) as past_the_end:
         client.get_object("ranges", "blob", offset=len(data), length=10)
     assert past_the_end.value.code == "InvalidRange"
+
+
+def test_plugin_start_over_s3_warm_reads_only_config_and_the_state_list(
+    remotes: dict[str, tuple[str, Path]], fixtures_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cold: the warm-up fetches every file's object at start (reading any file's chunk list then
+    costs no request). Warm (the on-disk cache kept): the start asks the server for CONFIG and the
+    list of states only, and the same reads return the same bytes as the fs store's, from the disk."""
+    from kloset_blocks.serving.server import Server
+    from kloset_blocks.store.backend_s3 import S3Backend
+
+    location, config = remotes["s3-golden-plain"]
+    _with_config(monkeypatch, config)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    calls: list[str] = []
+    for name in ("read", "read_range", "list"):
+        original = getattr(S3Backend, name)
+
+        def counted(self, key, *a, _original=original, _name=name):  # type: ignore[no-untyped-def]
+            calls.append(f"{_name} {key}")
+            return _original(self, key, *a)
+
+        monkeypatch.setattr(S3Backend, name, counted)
+
+    def start(store: str) -> tuple[Server, bytes]:
+        server = Server()
+        for key, value in (("store", store), ("snapshot", "bf6afbae"), ("pgdata", "true")):
+            server.configure(key, value)
+        server.config_complete()
+        server.get_ready()
+        export = server.open("")
+        files = [r.source for r in export.image.regions if getattr(r.source, "entry", None)]
+        before = len(calls)
+        assert all(isinstance(f.macs, list) for f in files)  # every chunk list
+        assert store.startswith("fs:") or len(calls) == before  # at hand after the warm-up
+        buf = bytearray(min(export.image.size, 32 << 20))
+        server.pread(export, memoryview(buf), 0)
+        server.cleanup()
+        server.store.close()
+        return server, bytes(buf)
+
+    _, cold = start(location)
+    calls.clear()
+    _, warm = start(location)
+    assert sorted(calls) == ["list states/", "read CONFIG"]
+    _, local = start(f"fs:{fixtures_dir / 'golden-plain'}")
+    assert cold == warm == local

@@ -30,7 +30,7 @@ from kloset_blocks.host.teardown import REPORT, Teardown, register_teardown
 from kloset_blocks.pgdata import find_pgdata
 from kloset_blocks.pgmanifest import snapshot_major
 from kloset_blocks.serving.nbdkit import STATS_FILE, nbdkit_argv
-from kloset_blocks.store import Snapshot, Store, open_store, passphrase_source
+from kloset_blocks.store import Snapshot, Store, cache_dir_for, open_store, passphrase_source
 
 
 @dataclass(frozen=True)
@@ -61,11 +61,21 @@ class Served:
         }
 
 
-def open_checked_store(location: str, passphrase_file: str | None) -> Store:
+def open_checked_store(
+    location: str, passphrase_file: str | None, *, cache_dir: str | None = None, cache_chunks: bool = False
+) -> Store:
     """The store, opened here by the CLI's precedence rule (--passphrase-file, $PLAKAR_PASSPHRASE,
-    a prompt), asked for only if the store is encrypted."""
+    a prompt), asked for only if the store is encrypted. A remote store's metadata goes through
+    the on-disk cache the plugin uses too (store.cache_dir_for), so that of two processes on one
+    snapshot, or two runs, only the first fetches it; file contents too with `cache_chunks` (the
+    few small files a check reads, not a restore's every chunk)."""
     spec = f"+{passphrase_file}" if passphrase_file else None
-    return open_store(location, passphrase_source(spec, location))
+    return open_store(
+        location,
+        passphrase_source(spec, location),
+        cache_dir=cache_dir_for(location, cache_dir),
+        cache_chunks=cache_chunks,
+    )
 
 
 def check_snapshot(snapshot: Snapshot, *, path: str | None = None, pgdata: bool = False) -> Checked:
@@ -101,7 +111,7 @@ def prepare(
     """Open the store and check the snapshot in-process; then the backing that serves it: nbdkit
     (backend "nbd") or the image file `expose` makes (backend "fuse")."""
     progress = progress or Progress(quiet=True)
-    with progress.phase("open"), open_checked_store(store, passphrase_file) as st:
+    with progress.phase("open"), open_checked_store(store, passphrase_file, cache_chunks=True) as st:
         snapshot = st.open_snapshot(snap)
         info = snapshot.info
         checked = check_snapshot(snapshot, path=path, pgdata=pgdata)

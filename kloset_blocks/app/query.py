@@ -8,7 +8,7 @@
 # - ONE nbdkit serves the whole run (a StandaloneServer; lazy=true: every snapshot is an export
 #   named by its full id, built on first open), so all snapshots share one decoded-chunk cache:
 #   chunks common to several snapshots (most of them) are fetched and decoded once. With
-#   --cache-dir the plugin keeps a persistent second tier on disk (serving/diskcache.py).
+#   --cache-dir the plugin keeps a persistent second tier on disk (store/diskcache.py).
 # - Per snapshot, a chain whose backing is its export of that nbdkit (SharedExport: qcow2 overlay
 #   on nbd+unix:///ID?socket=..., FUSE export, loop, mount), Postgres read-only on the mounted data
 #   directory, `psql --csv` with a random NULL marker (so NULL and '' stay distinct), then teardown.

@@ -8,8 +8,8 @@
 # stand-in for the synthesized image), whose layout matches the one kloset-blocks synthesizes.
 #
 # Other majors (tests of every PostgreSQL a backup may hold): `make_cluster(bindir=...)` runs that
-# major's initdb/pg_ctl/postgres (e.g. the npm builds deps.sh puts in /opt/kloset-blocks/pg/<major>/bin, which have no
-# client tools) while psql and pgbench stay Debian's 15 (they talk to newer servers).
+# major's initdb/pg_ctl/postgres (e.g. the npm builds deps.sh puts in /opt/kloset-blocks/pg/<major>/bin,
+# which have no client tools) while psql and pgbench stay Debian's 15 (they talk to newer servers).
 # Those majors have no pg_basebackup here, so `lowlevel_backup` takes a physical backup with the
 # documented low-level API in one psql session: pg_backup_start, a tar of the data directory
 # (`\!` runs it inside the session), pg_backup_stop; its backup_label is added to the tar and the WAL

@@ -26,7 +26,7 @@ import pyfuse3
 from kloset_blocks.errors import NotFound, UsageError
 from kloset_blocks.fuse.mount import ReadOnlyOps, attributes, check_open_flags, in_thread
 from kloset_blocks.serving.chunks import ChunkCache
-from kloset_blocks.store import Snapshot, Store, clean_path, open_store, passphrase_source
+from kloset_blocks.store import Snapshot, Store, cache_dir_for, clean_path, open_store, passphrase_source
 from kloset_blocks.units import format_size
 
 IMPLICIT_DIR = stat.S_IFDIR | 0o755  # a parent the snapshot does not list (never seen in practice)
@@ -256,7 +256,7 @@ class TreeOps(ReadOnlyOps):
 def build(
     store: str, snapshot: str, path: bytes, *, passphrase: str | None, cache: int, readahead: int
 ) -> TreeOps:
-    st = open_store(store, passphrase_source(passphrase, store))
+    st = open_store(store, passphrase_source(passphrase, store), cache_dir=cache_dir_for(store))
     snap = st.open_snapshot(snapshot)
     chunk_cache = ChunkCache(st.read_chunk, max_bytes=cache)
     snap.fetch_chunk = chunk_cache.get

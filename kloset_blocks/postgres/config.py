@@ -19,6 +19,7 @@
 # notices name settings, never their values (a value may be a host secret a snapshot tried to read).
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -29,8 +30,7 @@ from kloset_blocks.names import escape_name
 
 _LETTER = r"A-Za-z_\x80-\U0010ffff"
 _ID = rf"[{_LETTER}][{_LETTER}0-9]*"
-_TOKENS = re.compile(
-    rf"""
+_TOKENS_PATTERN = rf"""
     (?P<ws>[ \t\r]+)
   | (?P<comment>\#[^\n]*)
   | (?P<string>'(?:[^'\\\n]|\\.|'')*')
@@ -41,9 +41,16 @@ _TOKENS = re.compile(
   | (?P<unquoted>[{_LETTER}](?:[{_LETTER}0-9]|[-._:/])*)
   | (?P<equals>=)
   | (?P<error>.)
-    """,
-    re.VERBOSE,
-)
+    """
+
+
+@functools.cache
+def _token_rx() -> re.Pattern[str]:
+    # Compiled on first use: the Unicode ranges make it cost ~45 ms, paid otherwise by every
+    # command's start (this module is imported by all that start Postgres).
+    return re.compile(_TOKENS_PATTERN, re.VERBOSE)
+
+
 _VALUE_TOKENS = ("id", "string", "integer", "real", "unquoted")
 INCLUDE_DIRECTIVES = ("include", "include_if_exists", "include_dir")
 
@@ -68,7 +75,7 @@ def _tokens(line: str) -> list[tuple[str, str]]:
     out = []
     pos = 0
     while pos < len(line):
-        m = _TOKENS.match(line, pos)
+        m = _token_rx().match(line, pos)
         assert m is not None  # (?P<error>.) matches anything but a newline, and lines have none
         kind = m.lastgroup or "error"
         if kind not in ("ws", "comment"):

@@ -65,13 +65,14 @@ from kloset_blocks.image.block import BlockImage
 from kloset_blocks.image.snapshot import ImageOptions, chunk_macs, snapshot_image
 from kloset_blocks.serving.chunks import ChunkCache
 from kloset_blocks.store.codec import RT_CHUNK
+from kloset_blocks.store.diskcache import DISK_CACHE_SIZE
 from kloset_blocks.store.passphrase import Secret, key_from_env, passphrase_source
 from kloset_blocks.units import format_size, parse_size
 
 if TYPE_CHECKING:
-    from kloset_blocks.serving.diskcache import DiskCache
     from kloset_blocks.serving.startup import StartupProfile
     from kloset_blocks.store import SnapshotInfo, Store
+    from kloset_blocks.store.diskcache import DiskCache
 
 CONFIG_HELP = """\
 store=STORE        Kloset store: fs:/path, fs:///path, /path, s3://HOST[:PORT]/BUCKET[/PREFIX] or
@@ -131,7 +132,7 @@ class PluginConfig:
     lazy: bool = False
     journal: bool = False
     cache_dir: str | None = None
-    cache_dir_size: int = 4 << 30
+    cache_dir_size: int = DISK_CACHE_SIZE
 
     def set(self, key: str, value: str) -> None:
         setter = _SETTERS.get(key)
@@ -231,6 +232,7 @@ class Server:
         self.disk: DiskCache | None = None  # with cache-dir= (by default for a remote store)
         self.startup: StartupProfile | None = None  # what a start read (remote stores)
         self._startup_macs: list[bytes] = []
+        self._startup_positions: list[tuple[bytes, int]] = []
         self._stats_lock = threading.Lock()
         self.exports: dict[str, Export] = {}
         self.default_export = ""
@@ -253,30 +255,23 @@ class Server:
         self.config.check()
 
     def get_ready(self) -> None:
-        from kloset_blocks.store import open_store
+        from kloset_blocks.store import cache_dir_for, open_store
 
         assert self.config.store is not None, "config_complete() first"
         passphrase, key = self.config.secret()
-        self.store = open_store(self.config.store, passphrase, key=key)
-        fetch = self.store.read_chunk
-        cache_dir = self.config.cache_dir
-        if cache_dir is None and self.store.remote:
-            cache_dir = default_cache_dir()  # a remote store: the on-disk cache is on by default
-        if cache_dir and cache_dir != "off":
-            from kloset_blocks.serving.diskcache import DiskCache
+        cache_dir = cache_dir_for(self.config.store, self.config.cache_dir)
+        self.store = open_store(
+            self.config.store, passphrase, key=key, cache_dir=cache_dir, cache_size=self.config.cache_dir_size
+        )
+        fetch = self.store.read_chunk  # through the on-disk cache, when there is one
+        self.disk = self.store.disk
+        if self.disk is not None and self.store.remote:  # what this start reads, prefetched next time
+            from kloset_blocks.serving.startup import StartupProfile
 
-            repository_id = bytes(self.store.config.get("RepositoryID") or b"")
-            self.disk = DiskCache(cache_dir, self.store.codec, repository_id, self.config.cache_dir_size)
-            fetch = self.disk.wrap(fetch)
-            self.disk.wrap_store(self.store)  # the snapshots' metadata, too
-            if self.store.remote:  # what this start reads, prefetched at the next one
-                from kloset_blocks.serving.startup import StartupProfile
-
-                self.startup = StartupProfile(self.disk.dir)
-                self._startup_macs = [
-                    m for m in self.startup.load() if self.store.index.locations(RT_CHUNK, m)
-                ]
-                fetch = self.startup.wrap(fetch)
+            self.startup = StartupProfile(self.disk.dir)
+            self._startup_macs = [m for m in self.startup.load() if self.store.index.locations(RT_CHUNK, m)]
+            self._startup_positions = self.startup.load_positions()
+            fetch = self.startup.wrap(fetch)
         # A remote store answers in tens of ms: keep as many fetches in flight as it takes.
         workers = self.store.backend.parallelism if self.store.remote else 2
         self.cache = ChunkCache(fetch, max_bytes=self.config.cache, prefetch_workers=workers)
@@ -295,7 +290,19 @@ class Server:
             with self._build_lock:
                 macs, self._startup_macs = self._startup_macs, []
             self.cache.prefetch(macs)
-        return self._export(export_name or self.default_export)
+        export = self._export(export_name or self.default_export)
+        if self._startup_positions:  # the same places in this snapshot (its files may have changed)
+            with self._build_lock:
+                positions, self._startup_positions = self._startup_positions, []
+            threading.Thread(target=self._prefetch_positions, args=(export, positions), daemon=True).start()
+        return export
+
+    def _prefetch_positions(self, export: Export, positions: list[tuple[bytes, int]]) -> None:
+        from kloset_blocks.serving.startup import at_positions
+
+        assert self.cache is not None
+        with contextlib.suppress(KlosetError):  # a hint: what fails is read (and said) later
+            self.cache.prefetch(at_positions(export.image, positions))
 
     def _export(self, name: str) -> Export:
         """The export of the snapshot `name` identifies: its full id, or any unique prefix (the 8-hex
@@ -312,6 +319,10 @@ class Server:
         snapshot = self.store.open_snapshot(hex_id)
         snapshot.fetch_chunk = self.cache.get
         image, root = snapshot_image(snapshot, self.config.image_options())
+        if self.store.remote:  # the first reads of a start, fetched at once (startup.py)
+            from kloset_blocks.serving.startup import warm_up
+
+            warm_up(image, self.store, self.disk)
         info = snapshot.info
         description = f"{describe(info)}, {root.decode(errors='replace')} as ext4 ({format_size(image.size)})"
         return Export(info.hex_id, description, image)
@@ -478,17 +489,11 @@ class Server:
         if self.cache is not None:
             self.cache.shutdown()
         if self.startup is not None:
-            self.startup.save()
+            self.startup.save(export.image for export in self.exports.values())
         if self.disk is not None:
             self.disk.flush()
         if self.config.stats:
             self.write_stats()
-
-
-def default_cache_dir() -> str:
-    """$XDG_CACHE_HOME/kloset-blocks (~/.cache/kloset-blocks): where remote stores are cached."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "kloset-blocks")
 
 
 def describe(info: SnapshotInfo) -> str:

@@ -6,7 +6,21 @@
 # Strategy: the profile is a file in the store's on-disk cache directory, `startup-chunks`: the MACs
 # (32 bytes each) of the first LIMIT chunks the client's reads fetched (not the prefetches: a profile
 # must not keep itself alive) within WINDOW seconds of the first one, in that order. It is written
-# at exit (temporary file renamed into place) and read at the next start.
+# at exit (temporary file renamed into place) and read at the next start. A later snapshot has new
+# chunks where its files changed (the table a query reads, the WAL), so the profile also keeps
+# where each chunk was, `startup-positions` (lines "INDEX PATH-HEX": the chunk's index in the file
+# at that path of the snapshot served): the next start prefetches the chunks at the same places of
+# its own snapshot too.
+#
+# The profile cannot help the first start (or a start after the store's content moved on), where
+# Postgres' first reads each cost two round trips, one for the file's object (its chunk list),
+# one for the chunk. So a remote snapshot's image is warmed up when it is built (warm_up): the
+# objects of its files, smallest files first (the control file, catalogs, maps, configuration:
+# what every start and first connection read), are fetched in coalesced spans all in flight at
+# once, within WARM_MAX bytes. A small file's chunks are written just before its object, so the
+# same spans (each reaching WARM_LEAD back before its first object) usually hold them too
+# (Packfiles.warm keeps the spans' bytes). Decoding every small file's chunk list to fetch the
+# chunks the spans missed cost more CPU than the round trips it saved (bench/RESULTS.md).
 #
 # Invariants:
 # - A hint only: a MAC that is not (or no longer) in the store is skipped; every chunk is fetched
@@ -18,15 +32,29 @@ import contextlib
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from kloset_blocks.errors import KlosetError
+from kloset_blocks.ext4.layout import FILE
+from kloset_blocks.store.codec import RT_OBJECT
+from kloset_blocks.store.snapshot import SnapshotFile
+
+if TYPE_CHECKING:
+    from kloset_blocks.image.block import BlockImage
+    from kloset_blocks.store import Store
+    from kloset_blocks.store.diskcache import DiskCache
 
 LIMIT = 4096
 WINDOW = 60.0
 NAME = "startup-chunks"
+POSITIONS = "startup-positions"
 MAC = 32
 PREFETCH_THREAD = "kloset-prefetch"  # ChunkCache's worker threads (serving/chunks.py)
+# Bytes fetched to warm up a snapshot's image: objects and what lies between them.
+WARM_MAX = 16 << 20
+WARM_LEAD = 64 << 10
 
 
 class StartupProfile:
@@ -65,13 +93,83 @@ class StartupProfile:
             if now - self._first <= self.window and len(self._seen) < self.limit:
                 self._seen.setdefault(mac, None)
 
-    def save(self) -> None:
-        """Replace the profile with this start's (kept as it was when this start fetched nothing)."""
+    def save(self, images: Iterable[BlockImage] = ()) -> None:
+        """Replace the profile with this start's (kept as it was when this start fetched nothing),
+        with the places in `images` of the chunks recorded."""
         with self._lock:
             macs = list(self._seen)
         if not macs:
             return
-        tmp = self.path.with_name(f".{NAME}.{os.getpid()}")
-        with contextlib.suppress(OSError):
-            tmp.write_bytes(b"".join(macs))
-            os.replace(tmp, self.path)
+        wanted = dict.fromkeys(macs)
+        places: list[str] = []
+        for image in images:
+            for f in _files(image).values():
+                loaded = f.loaded_macs()
+                for index, mac in enumerate(loaded or ()):
+                    if mac in wanted and len(places) < self.limit:
+                        places.append(f"{index} {f.path.hex()}\n")
+        _replace(self.path, b"".join(macs))
+        _replace(self.path.with_name(POSITIONS), "".join(places).encode())
+
+    def load_positions(self) -> list[tuple[bytes, int]]:
+        """(path, chunk index) of the chunks the last start read (none when unreadable)."""
+        try:
+            lines = self.path.with_name(POSITIONS).read_text().splitlines()[: self.limit]
+        except (OSError, UnicodeDecodeError):
+            return []
+        out = []
+        for line in lines:
+            index, _, path = line.partition(" ")
+            with contextlib.suppress(ValueError):
+                out.append((bytes.fromhex(path), int(index)))
+        return out
+
+
+def at_positions(image: BlockImage, positions: list[tuple[bytes, int]]) -> list[bytes]:
+    """The MACs of the chunks at `positions` (path, index) of this image's snapshot: what a start
+    read, placed in another snapshot. Files missing, shorter or unreadable are skipped."""
+    files = {f.path: f for f in _files(image).values()}
+    out = []
+    for path, index in positions:
+        f = files.get(path)
+        if f is None:
+            continue
+        try:
+            macs = f.macs
+        except KlosetError:
+            continue
+        if 0 <= index < len(macs):
+            out.append(macs[index])
+    return out
+
+
+def _files(image: BlockImage) -> dict[bytes, SnapshotFile]:
+    """The image's snapshot files with an object, by object MAC (one for hard links)."""
+    files: dict[bytes, SnapshotFile] = {}
+    for region in image.regions:
+        source = region.source
+        if region.kind == FILE and isinstance(source, SnapshotFile) and source.entry.object:
+            files.setdefault(source.entry.object, source)
+    return files
+
+
+def _replace(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    with contextlib.suppress(OSError):
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+
+
+def warm_up(image: BlockImage, store: Store, disk: DiskCache | None = None) -> int:
+    """Fetch the objects of the image's files (smallest files first; from `disk` when it holds them) and
+    the packfile bytes around them, within WARM_MAX bytes: see the module comment. Returns the
+    bytes of the spans."""
+    by_size = sorted(_files(image).values(), key=lambda f: f.size)
+    objects = []
+    for f in by_size:
+        found = store.index.locations(RT_OBJECT, f.entry.object)  # type: ignore[arg-type]
+        if found:
+            objects.append(found[0])
+    # Each span reaches back a little before its first object: that file's chunks lie there. The
+    # spans go to the on-disk cache whole: the next start plans the same ones and reads them there.
+    return store.packfiles.warm(objects, WARM_MAX, lead=WARM_LEAD, cache=disk) if objects else 0

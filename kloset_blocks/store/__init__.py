@@ -13,7 +13,7 @@ from kloset_blocks.store.snapshot import (
     clean_path,
 )
 from kloset_blocks.store.state import Location, LocationIndex
-from kloset_blocks.store.store import Store, match_prefix, open_store
+from kloset_blocks.store.store import Store, cache_dir_for, match_prefix, open_store
 
 __all__ = [
     "Codec",
@@ -24,6 +24,7 @@ __all__ = [
     "SnapshotFile",
     "SnapshotInfo",
     "Store",
+    "cache_dir_for",
     "clean_path",
     "go_mode_to_st_mode",
     "match_prefix",

@@ -13,17 +13,23 @@
 # - read_many coalesces blobs lying close together in one packfile into one read (<= 4 MiB,
 #   like Go's read planner), which is what makes scanning a VFS tree cheap; on a remote store the
 #   reads of different spans are in flight at once.
+# - warm() fetches spans of packfiles ahead, in parallel, and keeps their bytes (at most
+#   WARM_KEPT in all): a later pread that lies inside a kept span is served from memory. The bytes
+#   are the store's, checked as any read's are (decode, MAC), so a span only saves round trips.
 from __future__ import annotations
 
+import bisect
+import contextlib
+import os
 import struct
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
-from kloset_blocks.errors import CorruptionError, StoreError, UnsupportedVersion
+from kloset_blocks.errors import CorruptionError, KlosetError, StoreError, UnsupportedVersion
 from kloset_blocks.store import codec as c
 from kloset_blocks.store.backend import Backend, as_backend
-from kloset_blocks.store.state import Location, LocationIndex
+from kloset_blocks.store.state import Location, LocationIndex, NamedCache
 
 MAX_COALESCED = 4 << 20
 PACKFILE_VERSION_MAX = c.pack_version(1, 0, 0)
@@ -47,6 +53,8 @@ PRELOAD_TYPES = frozenset(
     }
 )
 PRELOAD_MAX = 64 << 20
+# Bytes of packfile spans warm() keeps in memory, all calls together.
+WARM_KEPT = 64 << 20
 
 
 class Packfiles:
@@ -58,16 +66,27 @@ class Packfiles:
         self._lock = threading.Lock()
         self._closed = False
         self._pool: ThreadPoolExecutor | None = None
+        self._pool_pid = os.getpid()
         self._count_lock = threading.Lock()
         self.bytes_read = 0
         self.preads = 0
         self._preloaded: dict[tuple[int, bytes], bytes] = {}
+        # warm(): packfile -> its kept spans as (payload offset, bytes), sorted; replaced, never
+        # mutated, so that readers need no lock.
+        self._spans: dict[bytes, list[tuple[int, bytes]]] = {}
+        self._span_bytes = 0
 
-    def preload(self, rtypes: frozenset[int] = PRELOAD_TYPES, limit: int = PRELOAD_MAX) -> int:
+    def preload(
+        self,
+        rtypes: frozenset[int] = PRELOAD_TYPES,
+        limit: int = PRELOAD_MAX,
+        cache: NamedCache | None = None,
+    ) -> int:
         """Fetch every blob of `rtypes` at once, in coalesced ranges all in flight together, and keep
         their encoded bytes (decoded and MAC-checked when read, like any blob): on a remote store a
         B-tree descent is otherwise one round trip per level. Nothing when they exceed `limit`
-        bytes. Returns the bytes kept."""
+        bytes. With `cache`, each span is kept there (packfiles never change) and read from it
+        next time. Returns the bytes kept."""
         blobs = list(self.index.blobs_of_types(rtypes))
         total = sum(loc.length for _, _, loc in blobs)
         if not blobs or total > limit:
@@ -80,10 +99,16 @@ class Packfiles:
 
         def fetch(run: tuple[Location, list[tuple[int, Location]]]) -> None:
             span, items = run
-            try:
-                buf = memoryview(self.pread(span))
-            except (FileNotFoundError, CorruptionError):
-                return  # read (and reported) blob by blob later, if ever needed
+            name = _span_name(span)
+            data = cache.load_named(name) if cache is not None else None
+            if data is None or len(data) != span.length:
+                try:
+                    data = self.pread(span)
+                except (FileNotFoundError, CorruptionError):
+                    return  # read (and reported) blob by blob later, if ever needed
+                if cache is not None:
+                    cache.save_named(name, data)
+            buf = memoryview(data)
             for i, loc in items:
                 rel = loc.offset - span.offset
                 kept[(blobs[i][0], blobs[i][1])] = bytes(buf[rel : rel + loc.length])
@@ -92,6 +117,89 @@ class Packfiles:
             future.result()
         self._preloaded = kept
         return total
+
+    def warm(
+        self, locs: Sequence[Location], budget: int, lead: int = 0, cache: NamedCache | None = None
+    ) -> int:
+        """Fetch the packfile bytes around `locs` (the most wanted first) in coalesced spans, all in
+        flight together, within `budget` bytes, and keep them: a later read of any blob inside a
+        span costs no request, the blobs asked for and their neighbours alike (a small file's
+        chunks lie just before its object). Each span starts up to `lead` bytes before its first
+        blob (not before the packfile's payload). With `cache`, spans are kept there too and read
+        from it next time (the same `locs` make the same spans). Returns the bytes of the spans."""
+        budget = min(budget, WARM_KEPT - self._span_bytes)
+        by_pf: dict[bytes, list[tuple[int, Location]]] = {}
+        for rank, loc in enumerate(locs):
+            if not self._span_bytes_of(loc):
+                by_pf.setdefault(loc.packfile, []).append((rank, loc))
+        runs = sorted(
+            (min(rank for rank, _ in items), _reach_back(span, lead))
+            for pf, located in by_pf.items()
+            for span, items in plan_runs(pf, located)
+        )
+        chosen: list[Location] = []
+        total = 0
+        for _, span in runs:
+            if total + span.length <= budget:
+                chosen.append(span)
+                total += span.length
+        # Each packfile's header is checked by a request of its own, in flight with the spans (a
+        # span far from the start would otherwise wait for its header's round trip).
+        fetched: list[tuple[Location, bytes]] = []
+        if cache is not None:
+            for span in chosen:
+                data = cache.load_named(_span_name(span))
+                if data is not None and len(data) == span.length:
+                    fetched.append((span, data))
+            on_disk = {span for span, _ in fetched}
+            chosen = [span for span in chosen if span not in on_disk]
+        unchecked = {span.packfile for span in chosen if span.packfile not in self._checked}
+        bad: set[bytes] = set()
+
+        def fetch(span: Location) -> None:
+            with contextlib.suppress(FileNotFoundError, KlosetError):  # read blob by blob later
+                data = self._read(span.packfile, c.HEADER_SIZE + span.offset, span.length)
+                fetched.append((span, data))
+                if cache is not None and len(data) == span.length:
+                    cache.save_named(_span_name(span), data)  # its blobs are checked when read
+
+        def check(packfile: bytes) -> None:
+            try:
+                self._check_header(self.backend.read_range(self.key(packfile), 0, c.HEADER_SIZE), packfile)
+            except (FileNotFoundError, KlosetError):
+                bad.add(packfile)  # its blobs are read (and the error said) one by one later
+
+        pool = self.pool()
+        futures = [pool.submit(check, pf) for pf in unchecked] + [pool.submit(fetch, s) for s in chosen]
+        for future in futures:
+            future.result()
+        with self._lock:
+            spans = {pf: list(kept) for pf, kept in self._spans.items()}
+            for span, data in fetched:
+                if span.packfile not in bad and len(data) == span.length:
+                    spans.setdefault(span.packfile, []).append((span.offset, data))
+            spans = {pf: _merged(kept) for pf, kept in spans.items()}
+            self._spans = spans
+            self._span_bytes = sum(len(data) for kept in spans.values() for _, data in kept)
+        return total
+
+    def in_span(self, loc: Location) -> bool:
+        """Whether a span warm() kept holds the blob whole."""
+        return self._span_bytes_of(loc) is not None
+
+    def _span_bytes_of(self, loc: Location) -> bytes | None:
+        """The blob's bytes when a kept span holds them whole."""
+        kept = self._spans.get(loc.packfile)
+        if not kept:
+            return None
+        i = bisect.bisect_right(kept, loc.offset, key=lambda item: item[0]) - 1
+        if i < 0:
+            return None
+        start, data = kept[i]
+        rel = loc.offset - start
+        if rel + loc.length > len(data):
+            return None
+        return data[rel : rel + loc.length]
 
     # ------------------------------------------------------------ files
 
@@ -140,6 +248,8 @@ class Packfiles:
         """The encoded bytes of one blob (FileNotFoundError when its packfile is gone). The
         packfile's header is checked on its first read: within the same request when the blob
         lies near the start (one round trip to a remote store, not two)."""
+        if self._spans and (data := self._span_bytes_of(loc)) is not None:
+            return data
         start = c.HEADER_SIZE + loc.offset
         if loc.packfile in self._checked:
             data = self._read(loc.packfile, start, loc.length)
@@ -160,7 +270,12 @@ class Packfiles:
         return data
 
     def pool(self) -> ThreadPoolExecutor:
-        """Threads that keep `backend.parallelism` requests in flight (remote stores)."""
+        """Threads that keep `backend.parallelism` requests in flight (remote stores). A child of
+        fork() makes its own: threads do not survive a fork, and an executor whose threads are gone
+        queues work that never runs (nbdkit without -f forks after get_ready)."""
+        if self._pool_pid != os.getpid():
+            with self._lock:
+                self._pool, self._pool_pid = None, os.getpid()
         with self._lock:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self.backend.parallelism, thread_name_prefix="kloset-fetch")
@@ -252,6 +367,30 @@ class Packfiles:
             for run in runs:
                 fetch(run)
         return out  # type: ignore[return-value]
+
+
+def _span_name(span: Location) -> str:
+    return f"span-{span.packfile.hex()}-{span.offset}-{span.length}"
+
+
+def _reach_back(span: Location, lead: int) -> Location:
+    start = max(0, span.offset - lead)
+    return Location(span.packfile, start, span.length + span.offset - start)
+
+
+def _merged(spans: list[tuple[int, bytes]]) -> list[tuple[int, bytes]]:
+    """Spans (offset, bytes) sorted and with overlapping or touching ones joined: a blob inside
+    any of them is then inside the one that starts last at or before it."""
+    out: list[tuple[int, bytes]] = []
+    for start, data in sorted(spans, key=lambda item: item[0]):
+        if out and start <= out[-1][0] + len(out[-1][1]):
+            first, kept = out[-1]
+            tail = data[first + len(kept) - start :]
+            if tail:
+                out[-1] = (first, kept + tail)
+            continue
+        out.append((start, data))
+    return out
 
 
 def plan_runs(

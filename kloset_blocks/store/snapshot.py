@@ -207,6 +207,10 @@ class SnapshotFile:
             self._offsets = offsets
             self._macs = macs
 
+    def loaded_macs(self) -> list[bytes] | None:
+        """The chunk list if it was read already (None: reading it now may cost a request)."""
+        return self._macs
+
     @property
     def macs(self) -> list[bytes]:
         if self._macs is None:

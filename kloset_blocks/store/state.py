@@ -21,6 +21,7 @@ import struct
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Protocol
 
 from kloset_blocks.errors import CorruptionError, KlosetError, UnsupportedVersion
 from kloset_blocks.store import codec as c
@@ -65,6 +66,14 @@ def list_bucketed(backend: Backend, kind: str) -> list[tuple[bytes, str]]:
         if len(parts) == 3 and is_hex_id(parts[2]):
             out.append((bytes.fromhex(parts[2]), key))
     return out
+
+
+class NamedCache(Protocol):
+    """Where immutable objects of the store are kept between runs (store/diskcache.py)."""
+
+    def load_named(self, name: str) -> bytes | None: ...
+
+    def save_named(self, name: str, data: bytes) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,16 +127,26 @@ class LocationIndex:
     # ------------------------------------------------------------ building
 
     @classmethod
-    def build(cls, backend: Backend | str, codec: c.Codec) -> LocationIndex:
-        """From every state of the store; remote states are fetched `backend.parallelism` at a time."""
+    def build(
+        cls,
+        backend: Backend | str,
+        codec: c.Codec,
+        *,
+        listed: list[tuple[bytes, str]] | None = None,
+        cache: NamedCache | None = None,
+    ) -> LocationIndex:
+        """From every state of the store (`listed`: list_bucketed's answer, when the caller has
+        it); remote states are fetched `backend.parallelism` at a time. With `cache`, a state
+        kept there is read from it (states never change; its bytes are checked as the store's)."""
         backend = as_backend(backend)
-        listed = list_bucketed(backend, "states")
+        if listed is None:
+            listed = list_bucketed(backend, "states")
 
         def read(item: tuple[bytes, str]) -> _State | str:
             # A state that cannot be read is left out (and said): only the snapshots whose blobs
             # it located fail, with the reason.
             try:
-                return _read_state(item[0], backend, item[1], codec)
+                return _read_state(item[0], backend, item[1], codec, cache)
             except KlosetError as e:
                 return str(e)
 
@@ -251,12 +270,18 @@ class LocationIndex:
         return len(self._loc)
 
 
-def _read_state(ident: bytes, backend: Backend, key: str, codec: c.Codec) -> _State:
+def _read_state(
+    ident: bytes, backend: Backend, key: str, codec: c.Codec, cache: NamedCache | None = None
+) -> _State:
     path = backend.describe(key)
-    try:
-        raw = backend.read(key)
-    except FileNotFoundError:
-        raise CorruptionError(f"cannot read state {path}: it disappeared") from None
+    name = f"state-{ident.hex()}"
+    raw = cache.load_named(name) if cache is not None else None
+    kept = raw is not None
+    if raw is None:
+        try:
+            raw = backend.read(key)
+        except FileNotFoundError:
+            raise CorruptionError(f"cannot read state {path}: it disappeared") from None
     version, payload = c.unwrap(raw, c.RT_STATE, codec.mac, f"state {path}")
     if version > STATE_VERSION_MAX:
         raise UnsupportedVersion(
@@ -264,9 +289,12 @@ def _read_state(ident: bytes, backend: Backend, key: str, codec: c.Codec) -> _St
         )
     stream = codec.decode(payload, f"state {path}")
     try:
-        return _parse_state(ident, path, stream, version >= STATE_V1_1)
+        state = _parse_state(ident, path, stream, version >= STATE_V1_1)
     except (struct.error, IndexError):
         raise CorruptionError(f"state {path}: truncated record stream") from None
+    if cache is not None and not kept:
+        cache.save_named(name, raw)  # only a state that reads well: damage is read anew each time
+    return state
 
 
 def _parse_state(ident: bytes, path: str, stream: bytes, has_parent: bool) -> _State:

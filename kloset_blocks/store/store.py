@@ -27,11 +27,12 @@ from kloset_blocks.store import codec as c
 from kloset_blocks.store.backend import Backend, open_backend
 from kloset_blocks.store.btree import BNode
 from kloset_blocks.store.config import StoreConfig, load_config
+from kloset_blocks.store.diskcache import DISK_CACHE_SIZE, DiskCache, default_cache_dir
 from kloset_blocks.store.location import parse_location
 from kloset_blocks.store.packfile import Packfiles
 from kloset_blocks.store.passphrase import Secret
 from kloset_blocks.store.snapshot import Snapshot, SnapshotInfo
-from kloset_blocks.store.state import Location, LocationIndex
+from kloset_blocks.store.state import Location, LocationIndex, list_bucketed
 
 NODE_CACHE = 4096
 
@@ -61,7 +62,16 @@ def match_prefix(ids: Sequence[bytes], prefix: str, note: str = "") -> bytes:
 
 
 class Store:
-    def __init__(self, location: str, backend: Backend, cfg: StoreConfig) -> None:
+    def __init__(
+        self,
+        location: str,
+        backend: Backend,
+        cfg: StoreConfig,
+        *,
+        disk: DiskCache | None = None,
+        listed: list[tuple[bytes, str]] | None = None,
+        cache_chunks: bool = True,
+    ) -> None:
         self.location = location
         self.backend = backend
         self.remote = backend.location.remote
@@ -69,10 +79,17 @@ class Store:
         self.config = cfg.config
         self.codec = cfg.codec
         self.encrypted = cfg.codec.encrypted
-        self.index = LocationIndex.build(backend, cfg.codec)
+        # The on-disk cache (open_store's cache_dir): states, preloaded spans, metadata blobs and
+        # chunks read through it.
+        self.disk = disk
+        self.index = LocationIndex.build(backend, cfg.codec, listed=listed, cache=disk)
         self.packfiles = Packfiles(backend, cfg.codec, self.index)
         if self.remote:  # snapshot headers and trees in one parallel round, not a request per node
-            self.packfiles.preload()
+            self.packfiles.preload(cache=disk)
+        if disk is not None:
+            disk.wrap_store(self)
+            if cache_chunks:
+                self.read_chunk = disk.wrap(self.read_chunk)  # type: ignore[method-assign]
         self._lock = threading.Lock()
         self._infos: dict[bytes, SnapshotInfo] = {}
         self._unreadable: dict[bytes, str] = {}
@@ -206,15 +223,45 @@ class Store:
         return Snapshot(self, self.find_snapshot(prefix))
 
 
-def open_store(location: str, passphrase: Secret | None = None, *, key: bytes | None = None) -> Store:
+def open_store(
+    location: str,
+    passphrase: Secret | None = None,
+    *,
+    key: bytes | None = None,
+    cache_dir: str | None = None,
+    cache_size: int = DISK_CACHE_SIZE,
+    cache_chunks: bool = True,
+) -> Store:
     """Open a Kloset store read-only. An encrypted one needs its passphrase (bytes, str, or a
-    callable called only then: store.passphrase.passphrase_source) or its derived `key`."""
+    callable called only then: store.passphrase.passphrase_source) or its derived `key`. With
+    `cache_dir`, what is read from the store is kept on disk there (store/diskcache.py, bounded by
+    `cache_size`) and read from there next time (file contents too unless not `cache_chunks`: a
+    restore reads each chunk once): see cache_dir_for()."""
     loc = parse_location(location)
     backend = open_backend(loc)
     try:
-        cfg = load_config(backend, loc.display, passphrase, key)
+        with ThreadPoolExecutor(1) as side:
+            # A remote store lists its states while CONFIG is read: one round trip, not two.
+            listing = side.submit(list_bucketed, backend, "states") if loc.remote else None
+            cfg = load_config(backend, loc.display, passphrase, key)
+            listed = listing.result() if listing is not None else None
         _raise_fd_limit()
-        return Store(loc.display, backend, cfg)
+        disk = None
+        if cache_dir:
+            repository_id = bytes(cfg.config.get("RepositoryID") or b"")
+            disk = DiskCache(cache_dir, cfg.codec, repository_id, cache_size)
+        return Store(loc.display, backend, cfg, disk=disk, listed=listed, cache_chunks=cache_chunks)
     except BaseException:
         backend.close()
         raise
+
+
+def cache_dir_for(location: str, cache_dir: str | None = None) -> str | None:
+    """The on-disk cache a command uses for `location`: `cache_dir` when given ("off": none), else
+    the default one (default_cache_dir) for a remote store, where a round trip costs far more than
+    a disk read, and none for a local one."""
+    if cache_dir == "off":
+        return None
+    if cache_dir:
+        return cache_dir
+    return default_cache_dir() if parse_location(location).remote else None

@@ -16,6 +16,11 @@
 # Metadata blobs (VFS entries and nodes, objects: every content-addressed type) are cached the
 # same way under DIR/<RepositoryID hex>/t<type>/..., through wrap_store(): once a run's chunks
 # come from the disk, the snapshot metadata a new process must read again is most of what is left.
+# Immutable objects of the store that are not blobs (its states, named by their id, and the
+# packfile spans a remote store preloads, named by packfile, offset and length: packfiles never
+# change) are kept under DIR/<RepositoryID hex>/n/<name> (load_named/save_named), their entry's MAC
+# field the MAC of their bytes: so a warm start of a remote store reads nothing but CONFIG and the
+# list of states from it.
 #
 # Invariants:
 # - Never returns wrong bytes: every hit is decoded and its MAC recomputed with the store's MAC
@@ -43,6 +48,7 @@ from kloset_blocks.errors import CorruptionError
 from kloset_blocks.store.codec import CONTENT_ADDRESSED, RT_CHUNK
 
 MAGIC = b"KBDCACH1"
+DISK_CACHE_SIZE = 4 << 30  # the default bound (cache-dir-size=)
 ZSTD_LEVEL = 3
 MAX_PENDING = 32  # entries waiting for the writer thread; beyond that, misses are not cached
 EVICT_TO = 0.9
@@ -78,6 +84,7 @@ class DiskCache:
         base.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.dir = base / (repository_id.hex() or "store")
         self.dir.mkdir(mode=0o700, exist_ok=True)
+        self._dir = str(self.dir)
         self.stats = DiskStats()
         self._lock = threading.Lock()
         self._pending = 0
@@ -130,10 +137,39 @@ class DiskCache:
 
         store.read_blob, store.read_blobs = cached_read_blob, cached_read_blobs
 
-    def path(self, mac: bytes, rtype: int = RT_CHUNK) -> Path:
+    def path(self, mac: bytes, rtype: int = RT_CHUNK) -> str:
+        # Strings, not Path: this runs on every read, and pathlib's joins cost ~20 us each.
         h = mac.hex()
-        base = self.dir if rtype == RT_CHUNK else self.dir / f"t{rtype}"
-        return base / h[:2] / h
+        if rtype == RT_CHUNK:
+            return f"{self._dir}/{h[:2]}/{h}"
+        return f"{self._dir}/t{rtype}/{h[:2]}/{h}"
+
+    def load_named(self, name: str) -> bytes | None:
+        """An immutable object saved by save_named (None when absent or failing its checks)."""
+        path = f"{self._dir}/n/{name}"
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError:
+            return None
+        try:
+            head = len(MAGIC) + 1
+            mac = data[head : head + data[len(MAGIC)]] if len(data) > head else b""
+            return self._decode(mac, data)
+        except CorruptionError:
+            self._count("disk_corrupt")
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            return None
+
+    def save_named(self, name: str, data: bytes) -> None:
+        """Keep an immutable object of the store (a state, a packfile span) under `name`."""
+        with contextlib.suppress(OSError):
+            self._write(Path(f"{self._dir}/n/{name}"), self.encode(self.codec.mac(data), data))
+
+    def has(self, mac: bytes, rtype: int = RT_CHUNK) -> bool:
+        """Whether an entry exists (unchecked: load() checks it)."""
+        return os.path.exists(self.path(mac, rtype))
 
     def load(self, mac: bytes, rtype: int = RT_CHUNK) -> bytes | None:
         path = self.path(mac, rtype)
@@ -149,7 +185,7 @@ class DiskCache:
         except CorruptionError:
             self._count("disk_corrupt")
             with contextlib.suppress(OSError):
-                path.unlink()
+                os.unlink(path)
             return None
         self._count("disk_hits")
         if time.time() - mtime > TOUCH_AFTER:
@@ -203,10 +239,12 @@ class DiskCache:
                 self._pending -= 1
 
     def save(self, mac: bytes, chunk: bytes, rtype: int = RT_CHUNK) -> None:
-        path = self.path(mac, rtype)
+        path = Path(self.path(mac, rtype))
         if path.exists():
             return
-        data = self.encode(mac, chunk)
+        self._write(path, self.encode(mac, chunk))
+
+    def _write(self, path: Path, data: bytes) -> None:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -269,3 +307,9 @@ class DiskCache:
     def _count(self, name: str) -> None:
         with self._lock:
             setattr(self.stats, name, getattr(self.stats, name) + 1)
+
+
+def default_cache_dir() -> str:
+    """$XDG_CACHE_HOME/kloset-blocks (~/.cache/kloset-blocks): where remote stores are cached."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "kloset-blocks")
