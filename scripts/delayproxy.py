@@ -125,9 +125,6 @@ async def main() -> None:
     p.add_argument("--stats", metavar="FILE", help="write the bytes carried as JSON here at exit")
     args = p.parse_args()
     proxy = Proxy(args.target, args.delay_ms / 1000, args.rate_mbit * 1e6 / 8)
-    server = await asyncio.start_server(proxy.handle, *args.listen)
-    host, port = server.sockets[0].getsockname()[:2]
-    print(f"listening {host}:{port}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -139,7 +136,11 @@ async def main() -> None:
                 json.dump(proxy.stats(), f)
             os.replace(args.stats + ".tmp", args.stats)
 
+    # The handlers before the socket: a client may signal as soon as it can connect.
     loop.add_signal_handler(signal.SIGUSR1, dump)
+    server = await asyncio.start_server(proxy.handle, *args.listen)
+    host, port = server.sockets[0].getsockname()[:2]
+    print(f"listening {host}:{port}", flush=True)
     await stop.wait()
     server.close()
     dump()

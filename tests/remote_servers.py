@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -142,6 +143,7 @@ class SshServer:
     identity: Path
     known_hosts: Path
     host_pub: str
+    sftp_log: Path | None = None  # sftp-server's log of every request (count_requests=True)
 
     def config(self, path: Path, **extra: str) -> Path:
         lines = {
@@ -162,20 +164,56 @@ class SshServer:
         out.write_text(f"[127.0.0.1]:{port} {self.host_pub}\n")
         return out
 
+    def sftp_requests(self) -> dict[str, int]:
+        """The SFTP requests served so far (reads of at most 32 KiB, opens, stats...) and the ranges
+        read (runs of contiguous reads of one file: about one ranged read of a client each)."""
+        assert self.sftp_log is not None, "sshd_server(count_requests=True)"
+        reads = others = ranges = 0
+        ends: dict[str, int] = {}
+        text = self.sftp_log.read_text(errors="replace") if self.sftp_log.exists() else ""
+        for line in text.splitlines():
+            m = _SFTP_READ.search(line)
+            if m:
+                reads += 1
+                path, off, n = m.group(1), int(m.group(2)), int(m.group(3))
+                ranges += ends.get(path) != off
+                ends[path] = off + n
+            elif _SFTP_OTHER.search(line):
+                others += 1
+        return {"requests": reads + others, "reads": reads, "ranges": ranges}
+
+
+# sftp-server -l DEBUG1: `debug1: request 7: read "PATH" (handle 0) off 0 len 32768`, other requests
+# as `request N: VERB` or (open, opendir, close) `VERB "PATH" ...`; replies as `request N: sent ...`.
+_SFTP_READ = re.compile(r'request \d+: read "(.*)" \(handle \d+\) off (\d+) len (\d+)$')
+_SFTP_OTHER = re.compile(r'request \d+: (?!read |sent )\w+|^(open|opendir|close) "')
+
 
 def _keygen(path: Path) -> str:
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(path)], check=True)
     return path.with_suffix(".pub").read_text().strip()
 
 
+def _logging_sftp_server(d: Path, log: Path) -> str:
+    """A subsystem command: OpenSSH's own sftp-server logging every request (`-l DEBUG1`: one line
+    per open, read, stat...) to `log`, for counting the requests a client sends."""
+    wrapper = d / "sftp-logged"
+    wrapper.write_text(f"#!/bin/sh\nexec /usr/lib/openssh/sftp-server -e -l DEBUG1 2>>'{log}'\n")
+    os.chmod(wrapper, 0o755)
+    return str(wrapper)
+
+
 @contextlib.contextmanager
-def sshd_server(base: Path) -> Iterator[SshServer]:
+def sshd_server(base: Path, count_requests: bool = False) -> Iterator[SshServer]:
     """OpenSSH's sshd on a loopback port, accepting only a generated user key for the current
-    user; its sftp is internal-sftp."""
+    user; its sftp is internal-sftp, or with `count_requests` the sftp-server program (the same
+    OpenSSH code, a process per session) logging each request for SshServer.sftp_requests."""
     import getpass
 
     d = base / "sshd"
     d.mkdir(parents=True)
+    sftp_log = d / "sftp-server.log" if count_requests else None
+    subsystem = _logging_sftp_server(d, sftp_log) if sftp_log else "internal-sftp"
     host_pub = _keygen(d / "host_ed25519")
     user_pub = _keygen(d / "user_ed25519")
     (d / "authorized_keys").write_text(user_pub + "\n")
@@ -188,14 +226,14 @@ def sshd_server(base: Path) -> Iterator[SshServer]:
         f"AuthorizedKeysFile {d / 'authorized_keys'}\nPidFile {d / 'sshd.pid'}\n"
         "PasswordAuthentication no\nKbdInteractiveAuthentication no\nPubkeyAuthentication yes\n"
         "PermitRootLogin prohibit-password\nUsePAM no\nStrictModes no\nMaxSessions 64\nMaxStartups 64\n"
-        "Subsystem sftp internal-sftp\nLogLevel ERROR\n"
+        f"Subsystem sftp {subsystem}\nLogLevel ERROR\n"
     )
     os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # sshd's privilege separation directory
     known = d / "known_hosts"
     known.write_text(f"[127.0.0.1]:{port} {' '.join(host_pub.split()[:2])}\n")
     sshd = shutil.which("sshd") or "/usr/sbin/sshd"
     with _process([sshd, "-D", "-e", "-f", str(cfg)], port, "sshd", stderr=subprocess.DEVNULL):
-        yield SshServer(port, d, user, d / "user_ed25519", known, " ".join(host_pub.split()[:2]))
+        yield SshServer(port, d, user, d / "user_ed25519", known, " ".join(host_pub.split()[:2]), sftp_log)
 
 
 @dataclass
@@ -241,4 +279,8 @@ def delay_proxy(
         str(stats),
     ]
     with _process(argv, port, "delayproxy", stdout=subprocess.DEVNULL) as proc:
-        yield DelayProxy(port, stats, proc)
+        proxy = DelayProxy(port, stats, proc)
+        deadline = time.monotonic() + 5
+        while proxy.stats()["connections"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)  # the readiness probe is counted before anything else
+        yield proxy
