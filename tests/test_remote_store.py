@@ -362,3 +362,58 @@ def test_plugin_start_over_s3_warm_reads_only_config_and_the_state_list(
     assert sorted(calls) == ["list states/", "read CONFIG"]
     _, local = start(f"fs:{fixtures_dir / 'golden-plain'}")
     assert cold == warm == local
+
+
+@pytest.mark.parametrize("backend", ["s3", "sftp"])
+def test_daemonized_nbdkit_serves_and_exits(
+    backend: str,
+    remotes: dict[str, tuple[str, Path]],
+    fixtures_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """nbdkit without -f forks (C's fork: no Python at-fork handler runs) once the plugin is ready:
+    no thread of ours may be alive then (the fetch pool, the on-disk cache's writer, an SSH
+    transport), or the child queues work that never runs and waits for them at exit. The copy
+    equals the fs store's image; SIGTERM ends it."""
+    import signal
+    import time
+
+    from kloset_blocks.serving.nbdkit import PLUGIN, nbdkit_argv
+    from kloset_blocks.serving.server import Server
+
+    location, config = remotes[f"{backend}-golden-plain"]
+    _with_config(monkeypatch, config)
+    sock, pidfile, copied = tmp_path / "nbd.sock", tmp_path / "nbdkit.pid", tmp_path / "copy.img"
+    argv, extra = nbdkit_argv(location, "bf6afbae", pgdata=True)
+    env = {**os.environ, **{k: v for k, v in extra.items() if v is not None}}
+    params = [*argv[argv.index(str(PLUGIN)) + 1 :], f"cache-dir={tmp_path / 'cache'}"]
+    subprocess.run(
+        ["nbdkit", "-r", "-U", str(sock), "-P", str(pidfile), "python", str(PLUGIN), *params],
+        check=True, env=env, timeout=60,
+    )  # fmt: skip
+    pid = int(pidfile.read_text())
+    try:
+        subprocess.run(["nbdcopy", f"nbd+unix:///?socket={sock}", str(copied)], check=True, timeout=120)
+    finally:
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and os.path.exists(f"/proc/{pid}"):
+            time.sleep(0.1)
+        assert not os.path.exists(f"/proc/{pid}"), "nbdkit did not exit after SIGTERM"
+    oracle = Server()
+    for key, value in (
+        ("store", f"fs:{fixtures_dir / 'golden-plain'}"),
+        ("snapshot", "bf6afbae"),
+        ("pgdata", "true"),
+    ):
+        oracle.configure(key, value)
+    oracle.config_complete()
+    oracle.get_ready()
+    expected = tmp_path / "expected.img"
+    oracle.exports[oracle.default_export].image.write_sparse(expected)
+    oracle.cleanup()
+    with open(copied, "rb") as a, open(expected, "rb") as b:
+        while block := a.read(1 << 20):
+            assert block == b.read(1 << 20)
+        assert b.read(1) == b""

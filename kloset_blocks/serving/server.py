@@ -279,6 +279,11 @@ class Server:
         self.default_export = info.hex_id
         if not self.config.lazy:
             self._export(info.hex_id)
+        # nbdkit may fork now, with C's fork(): no thread of ours may be alive (its child would
+        # wait for it forever at exit); the pools are made anew on first use.
+        self.store.packfiles.stop_threads()
+        if self.disk is not None:
+            self.disk.flush()
 
     # ---- exports -------------------------------------------------------------------------------
 

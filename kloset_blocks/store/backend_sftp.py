@@ -143,6 +143,8 @@ class SftpBackend:
         self._opened = 0
         self._closed = False
         self._client = connect(loc, self.opts)
+        self._pid = os.getpid()
+        self._forsaken: list[paramiko.SSHClient] = []
         try:
             with self._channel() as ch:
                 st = ch.sftp.stat(self.root)
@@ -177,7 +179,22 @@ class SftpBackend:
             raise
         self._idle.put(ch)
 
+    def _after_fork(self) -> None:
+        # nbdkit forks with C's fork() (no Python at-fork handler runs): the SSH transport's thread
+        # is gone in the child, though its objects say it is active. Connect anew; the parent's
+        # client is kept unreferenced-free, not closed (closing would wait on the gone thread).
+        with self._lock:
+            if self._pid == os.getpid():
+                return
+            self._forsaken.append(self._client)
+            self._idle = queue.LifoQueue()
+            self._opened = 0
+            self._client = connect(self.location, self.opts)
+            self._pid = os.getpid()
+
     def _checkout(self) -> _Channel:
+        if self._pid != os.getpid():
+            self._after_fork()
         with contextlib.suppress(queue.Empty):
             return self._idle.get_nowait()
         with self._lock:

@@ -89,6 +89,7 @@ class DiskCache:
         self._lock = threading.Lock()
         self._pending = 0
         self._writer: ThreadPoolExecutor | None = None
+        self._writer_pid = os.getpid()
         self._total = sum(size for _, _, size in self._entries())
 
     # ---- the fetch path ------------------------------------------------------------------------
@@ -224,6 +225,8 @@ class DiskCache:
                 self.save(mac, chunk, rtype)
             return
         with self._lock:
+            if self._writer_pid != os.getpid():  # a child of fork(): the writer thread is gone
+                self._writer, self._pending, self._writer_pid = None, 0, os.getpid()
             if self._writer is None:  # created on first use: nbdkit may fork after startup
                 self._writer = ThreadPoolExecutor(1, thread_name_prefix="kloset-diskcache")
             writer = self._writer
@@ -301,6 +304,8 @@ class DiskCache:
         """Wait for the queued writes (at exit, so that the next run finds them)."""
         with self._lock:
             writer, self._writer = self._writer, None
+            if self._writer_pid != os.getpid():
+                return  # the writer was the parent's: its thread is not ours to wait for
         if writer is not None:
             writer.shutdown(wait=True)
 

@@ -227,12 +227,19 @@ class Packfiles:
         with self._lock:
             self._checked.add(packfile)
 
-    def close(self) -> None:
+    def stop_threads(self) -> None:
+        """End the fetch pool's threads (a later read makes a new pool). nbdkit forks with C's
+        fork() after get_ready, so Python's at-fork handlers do not run: a thread alive then would
+        be waited for forever at the child's exit."""
         with self._lock:
-            self._closed = True
             pool, self._pool = self._pool, None
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+        self.stop_threads()
         self.backend.close()
 
     def _read(self, packfile: bytes, offset: int, length: int) -> bytes:
@@ -272,7 +279,7 @@ class Packfiles:
     def pool(self) -> ThreadPoolExecutor:
         """Threads that keep `backend.parallelism` requests in flight (remote stores). A child of
         fork() makes its own: threads do not survive a fork, and an executor whose threads are gone
-        queues work that never runs (nbdkit without -f forks after get_ready)."""
+        queues work that never runs (see stop_threads)."""
         if self._pool_pid != os.getpid():
             with self._lock:
                 self._pool, self._pool_pid = None, os.getpid()
