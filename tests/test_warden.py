@@ -41,11 +41,18 @@ if line.strip() == "clean":
 """
 
 
+def _default_signals() -> None:
+    # What a terminal's command starts with, whatever this test run inherited (a suite started in
+    # the background by a shell, or under nohup, ignores SIGINT or SIGHUP, and so would the command).
+    for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)
+
+
 def _command(root: Path, tmp: Path) -> tuple[subprocess.Popen[str], Path, int, int]:
     p = subprocess.Popen(
         [sys.executable, "-c", COMMAND, str(root), str(tmp)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
+        env={**os.environ, "PYTHONPATH": str(REPO)}, preexec_fn=_default_signals,
     )  # fmt: skip
     assert p.stdout is not None
     run, child, warden = p.stdout.readline().split()
