@@ -323,6 +323,7 @@ def test_plugin_start_over_s3_warm_reads_only_config_and_the_state_list(
     """Cold: the warm-up fetches every file's object at start (reading any file's chunk list then
     costs no request). Warm (the on-disk cache kept): the start asks the server for CONFIG and the
     list of states only, and the same reads return the same bytes as the fs store's, from the disk."""
+    from kloset_blocks.serving.nbdkit import VIEW_ENV
     from kloset_blocks.serving.server import Server
     from kloset_blocks.store.backend_s3 import S3Backend
 
@@ -360,8 +361,19 @@ def test_plugin_start_over_s3_warm_reads_only_config_and_the_state_list(
     calls.clear()
     _, warm = start(location)
     assert sorted(calls) == ["list states/", "read CONFIG"]
+    # Handed what the command that starts it read (Store.view), it asks the server for nothing.
+    with open_store(location, cache_dir=str(tmp_path / "kloset-blocks")) as parent:
+        view = parent.view()
+    calls.clear()
+    monkeypatch.setenv(VIEW_ENV, view)
+    _, handed = start(location)
+    assert calls == []
+    monkeypatch.setenv(VIEW_ENV, view.replace(location, location + "-elsewhere"))  # not this store's
+    _, ignored = start(location)
+    assert sorted(calls) == ["list states/", "read CONFIG"]
+    monkeypatch.delenv(VIEW_ENV)
     _, local = start(f"fs:{fixtures_dir / 'golden-plain'}")
-    assert cold == warm == local
+    assert cold == warm == handed == ignored == local
 
 
 @pytest.mark.parametrize("backend", ["s3", "sftp"])

@@ -116,6 +116,7 @@ def prepare(
         info = snapshot.info
         checked = check_snapshot(snapshot, path=path, pgdata=pgdata)
         key = st.codec.key
+        view = st.view() if st.remote else None  # the plugin then asks the store for nothing
     backing: Backing
     if backend == "fuse":
         from kloset_blocks.fuse.chain import ExposedImage, expose_argv
@@ -131,6 +132,7 @@ def prepare(
             pgdata=pgdata,
             stats=f"{RUN_DIR_TOKEN}/{STATS_FILE}",
             journal=journal,
+            view=view,
         )
         backing = NbdkitBacking(argv, env)
     return Served(backing, info.hex_id, info.size, checked.root, checked.pg_major)

@@ -29,6 +29,11 @@ NBDKIT_THREADS = 2
 SHARED_NBDKIT_THREADS = 1
 # The plugin's counters (stats=FILE), read back for the "fetched ... from the store" line.
 STATS_FILE = "nbdkit-stats.json"
+# Store.view() of the store the caller just opened (CONFIG, the list of states), so that the plugin
+# does not ask a remote store for them again; left out when longer than VIEW_MAX (an environment
+# string has a bound: 128 KiB).
+VIEW_ENV = "KLOSET_BLOCKS_STORE_VIEW"
+VIEW_MAX = 64 << 10
 
 
 def nbdkit_argv(
@@ -42,6 +47,7 @@ def nbdkit_argv(
     stats: str | None = None,
     journal: bool = False,
     threads: int = NBDKIT_THREADS,
+    view: str | None = None,
 ) -> tuple[list[str], dict[str, str | None]]:
     """(argv, extra environment) for `nbdkit --threads=2 python nbdplugin/kloset.py store=...`.
     An encrypted store's `key`, derived by the caller, goes to nbdkit in its environment (store/
@@ -63,6 +69,7 @@ def nbdkit_argv(
         REPO / ".venv" / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
     )
     env: dict[str, str | None] = {"PYTHONPATH": os.pathsep.join([str(REPO), str(site)])}
+    env[VIEW_ENV] = view if view and len(view) <= VIEW_MAX else None
     if key is not None:
         from kloset_blocks.store.passphrase import KEY_ENV
 

@@ -64,6 +64,7 @@ from kloset_blocks.errors import KlosetError, UsageError
 from kloset_blocks.image.block import BlockImage
 from kloset_blocks.image.snapshot import ImageOptions, chunk_macs, snapshot_image
 from kloset_blocks.serving.chunks import ChunkCache
+from kloset_blocks.serving.nbdkit import VIEW_ENV
 from kloset_blocks.store.codec import RT_CHUNK
 from kloset_blocks.store.diskcache import DISK_CACHE_SIZE
 from kloset_blocks.store.passphrase import Secret, key_from_env, passphrase_source
@@ -261,7 +262,12 @@ class Server:
         passphrase, key = self.config.secret()
         cache_dir = cache_dir_for(self.config.store, self.config.cache_dir)
         self.store = open_store(
-            self.config.store, passphrase, key=key, cache_dir=cache_dir, cache_size=self.config.cache_dir_size
+            self.config.store,
+            passphrase,
+            key=key,
+            cache_dir=cache_dir,
+            cache_size=self.config.cache_dir_size,
+            view=os.environ.get(VIEW_ENV),  # what the command that started nbdkit read
         )
         fetch = self.store.read_chunk  # through the on-disk cache, when there is one
         self.disk = self.store.disk

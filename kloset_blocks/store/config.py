@@ -33,6 +33,7 @@ class StoreConfig:
     config: dict[str, Any]
     key: bytes | None
     codec: c.Codec
+    raw: bytes = b""  # the CONFIG object as read
 
 
 def read_config_file(backend: Backend | str, display: str | None = None) -> bytes:
@@ -52,11 +53,20 @@ def read_config_file(backend: Backend | str, display: str | None = None) -> byte
 
 
 def load_config(
-    backend: Backend | str, display: str, passphrase: Secret | None, key: bytes | None = None
+    backend: Backend | str,
+    display: str,
+    passphrase: Secret | None,
+    key: bytes | None = None,
+    raw: bytes | None = None,
 ) -> StoreConfig:
+    """The store's configuration and codec, from its CONFIG (or from `raw`, the same object read
+    moments ago by a parent process: checked exactly as one read from the store)."""
     backend = as_backend(backend)
-    raw = read_config_file(backend, display)
     path = backend.describe("CONFIG")
+    if raw is None:
+        raw = read_config_file(backend, display)
+    elif len(raw) > MAX_CONFIG:
+        raise CorruptionError(f"{c.DAMAGED_CONFIG}: {path} is larger than {MAX_CONFIG} bytes")
     version, payload = c.unwrap(raw, c.RT_CONFIG, None, path)
     if version != CONFIG_VERSION:
         raise UnsupportedVersion(
@@ -97,7 +107,7 @@ def load_config(
         codec = c.Codec(config, key)
     except (AttributeError, TypeError, ValueError):
         raise CorruptionError(f"{path}: malformed configuration") from None
-    return StoreConfig(version, config, key, codec)
+    return StoreConfig(version, config, key, codec, raw)
 
 
 def _passphrase_bytes(passphrase: Secret | None, display: str) -> bytes:

@@ -13,7 +13,9 @@
 #   a snapshot whose header cannot be read is left out of snapshots(); problems() lists both.
 from __future__ import annotations
 
+import base64
 import contextlib
+import json
 import os
 import resource
 import threading
@@ -82,6 +84,10 @@ class Store:
         # The on-disk cache (open_store's cache_dir): states, preloaded spans, metadata blobs and
         # chunks read through it.
         self.disk = disk
+        self._config_raw = cfg.raw
+        if listed is None:
+            listed = list_bucketed(backend, "states")
+        self._listed = listed
         self.index = LocationIndex.build(backend, cfg.codec, listed=listed, cache=disk)
         self.packfiles = Packfiles(backend, cfg.codec, self.index)
         if self.remote:  # snapshot headers and trees in one parallel round, not a request per node
@@ -98,6 +104,18 @@ class Store:
 
     def __repr__(self) -> str:
         return f"<Store {self.location}>"
+
+    def view(self) -> str:
+        """CONFIG and the list of states as this Store read them, for open_store(view=...) in a
+        child process (one line of text: it travels in an environment variable)."""
+        return json.dumps(
+            {
+                "location": self.location,
+                "config": base64.b64encode(self._config_raw).decode(),
+                "states": [[ident.hex(), key] for ident, key in self._listed],
+            },
+            separators=(",", ":"),
+        )
 
     @property
     def executor(self) -> ThreadPoolExecutor:
@@ -231,20 +249,29 @@ def open_store(
     cache_dir: str | None = None,
     cache_size: int = DISK_CACHE_SIZE,
     cache_chunks: bool = True,
+    view: str | None = None,
 ) -> Store:
     """Open a Kloset store read-only. An encrypted one needs its passphrase (bytes, str, or a
     callable called only then: store.passphrase.passphrase_source) or its derived `key`. With
     `cache_dir`, what is read from the store is kept on disk there (store/diskcache.py, bounded by
     `cache_size`) and read from there next time (file contents too unless not `cache_chunks`: a
-    restore reads each chunk once): see cache_dir_for()."""
+    restore reads each chunk once): see cache_dir_for(). `view` is Store.view() of the same store
+    opened by a parent process moments ago (CONFIG and the list of states: the nbdkit a command
+    starts need not ask a remote store for them again); one that does not parse, or names another
+    location, is ignored."""
     loc = parse_location(location)
     backend = open_backend(loc)
+    seen = parse_view(view, loc.display) if view else None
     try:
-        with ThreadPoolExecutor(1) as side:
-            # A remote store lists its states while CONFIG is read: one round trip, not two.
-            listing = side.submit(list_bucketed, backend, "states") if loc.remote else None
-            cfg = load_config(backend, loc.display, passphrase, key)
-            listed = listing.result() if listing is not None else None
+        if seen is not None:  # what a parent read a moment ago: no round trip at all
+            cfg = load_config(backend, loc.display, passphrase, key, raw=seen[0])
+            listed: list[tuple[bytes, str]] | None = seen[1]
+        else:
+            with ThreadPoolExecutor(1) as side:
+                # A remote store lists its states while CONFIG is read: one round trip, not two.
+                listing = side.submit(list_bucketed, backend, "states") if loc.remote else None
+                cfg = load_config(backend, loc.display, passphrase, key)
+                listed = listing.result() if listing is not None else None
         _raise_fd_limit()
         disk = None
         if cache_dir:
@@ -254,6 +281,21 @@ def open_store(
     except BaseException:
         backend.close()
         raise
+
+
+def parse_view(view: str, display: str) -> tuple[bytes, list[tuple[bytes, str]]] | None:
+    """(raw CONFIG, listed states) of a Store.view() of the store at `display`; None otherwise."""
+    try:
+        data = json.loads(view)
+        if data.get("location") != display:
+            return None
+        raw = base64.b64decode(data["config"], validate=True)
+        listed = [(bytes.fromhex(ident), str(key)) for ident, key in data["states"]]
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return None
+    if any(len(ident) != 32 or not key.startswith("states/") for ident, key in listed):
+        return None
+    return raw, listed
 
 
 def cache_dir_for(location: str, cache_dir: str | None = None) -> str | None:
