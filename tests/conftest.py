@@ -59,7 +59,7 @@ def run_root(request: pytest.FixtureRequest) -> Iterator[Path]:
         yield root
 
 
-def server_for(store: Path, *params: str, snapshot: str = "bf6afbae") -> Server:
+def server_for(store: Path | str, *params: str, snapshot: str = "bf6afbae") -> Server:
     """The nbdkit plugin's Server, configured and ready, in this process (golden-plain snapshot A by
     default): for tests of the plugin's logic without nbdkit."""
     server = Server()

@@ -18,6 +18,7 @@ import pytest
 from kloset_blocks.errors import StoreError
 from kloset_blocks.store import open_store
 from kloset_blocks.store.options import CONFIG_ENV
+from tests.conftest import server_for
 from tests.remote_servers import S3Server, SshServer, free_port
 
 PASS = "correct horse battery staple"
@@ -254,12 +255,7 @@ def test_startup_profile_prefetches_what_the_last_start_read(
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
 
     def start(snapshot: str) -> Server:
-        server = Server()
-        for key, value in (("store", location), ("snapshot", snapshot), ("pgdata", "true")):
-            server.configure(key, value)
-        server.config_complete()
-        server.get_ready()
-        return server
+        return server_for(location, "pgdata=true", snapshot=snapshot)
 
     first = start("bf6afbae")
     assert first.disk is not None and str(first.disk.dir).startswith(str(tmp_path / "kloset-blocks"))
@@ -341,11 +337,7 @@ def test_plugin_start_over_s3_warm_reads_only_config_and_the_state_list(
         monkeypatch.setattr(S3Backend, name, counted)
 
     def start(store: str) -> tuple[Server, bytes]:
-        server = Server()
-        for key, value in (("store", store), ("snapshot", "bf6afbae"), ("pgdata", "true")):
-            server.configure(key, value)
-        server.config_complete()
-        server.get_ready()
+        server = server_for(store, "pgdata=true")
         export = server.open("")
         files = [r.source for r in export.image.regions if getattr(r.source, "entry", None)]
         before = len(calls)
@@ -392,7 +384,6 @@ def test_daemonized_nbdkit_serves_and_exits(
     import time
 
     from kloset_blocks.serving.nbdkit import PLUGIN, nbdkit_argv
-    from kloset_blocks.serving.server import Server
 
     location, config = remotes[f"{backend}-golden-plain"]
     _with_config(monkeypatch, config)
@@ -413,15 +404,7 @@ def test_daemonized_nbdkit_serves_and_exits(
         while time.monotonic() < deadline and os.path.exists(f"/proc/{pid}"):
             time.sleep(0.1)
         assert not os.path.exists(f"/proc/{pid}"), "nbdkit did not exit after SIGTERM"
-    oracle = Server()
-    for key, value in (
-        ("store", f"fs:{fixtures_dir / 'golden-plain'}"),
-        ("snapshot", "bf6afbae"),
-        ("pgdata", "true"),
-    ):
-        oracle.configure(key, value)
-    oracle.config_complete()
-    oracle.get_ready()
+    oracle = server_for(f"fs:{fixtures_dir / 'golden-plain'}", "pgdata=true")
     expected = tmp_path / "expected.img"
     oracle.exports[oracle.default_export].image.write_sparse(expected)
     oracle.cleanup()

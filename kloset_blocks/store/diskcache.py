@@ -17,10 +17,10 @@
 # same way under DIR/<RepositoryID hex>/t<type>/..., through wrap_store(): once a run's chunks
 # come from the disk, the snapshot metadata a new process must read again is most of what is left.
 # Immutable objects of the store that are not blobs (its states, named by their id, and the
-# packfile spans a remote store preloads, named by packfile, offset and length: packfiles never
-# change) are kept under DIR/<RepositoryID hex>/n/<name> (load_named/save_named), their entry's MAC
-# field the MAC of their bytes: so a warm start of a remote store reads nothing but CONFIG and the
-# list of states from it.
+# packfile spans a remote store preloads and warms up, named by packfile, offset and length:
+# packfiles never change) are kept under DIR/<RepositoryID hex>/n/<name> (load_named/save_named),
+# their entry's MAC field the MAC of their bytes: so a warm start of a remote store reads nothing
+# but CONFIG and the list of states from it.
 #
 # Invariants:
 # - Never returns wrong bytes: every hit is decoded and its MAC recomputed with the store's MAC
@@ -154,9 +154,7 @@ class DiskCache:
         except OSError:
             return None
         try:
-            head = len(MAGIC) + 1
-            mac = data[head : head + data[len(MAGIC)]] if len(data) > head else b""
-            return self._decode(mac, data)
+            return self._decode(None, data)  # its MAC is its entry's own MAC field
         except CorruptionError:
             self._count("disk_corrupt")
             with contextlib.suppress(OSError):
@@ -194,12 +192,17 @@ class DiskCache:
                 os.utime(path)  # recently used: evicted last
         return chunk
 
-    def _decode(self, mac: bytes, data: bytes) -> bytes:
+    def _decode(self, mac: bytes | None, data: bytes) -> bytes:
+        """An entry's bytes, checked: against the MAC `mac` it is filed under (a blob), or, for a
+        named object (None), against the MAC field it carries."""
         head = len(MAGIC) + 1
         if len(data) < head or data[: len(MAGIC)] != MAGIC:
             raise CorruptionError("bad magic")
         n = data[len(MAGIC)]
-        if data[head : head + n] != mac:
+        field = data[head : head + n]
+        if mac is None:
+            mac = field
+        elif field != mac:
             raise CorruptionError("MAC field differs from the key")
         try:
             chunk = _zstd()[1].decompress(self.codec.decrypt(data[head + n :]))

@@ -74,7 +74,7 @@ class Packfiles:
         # warm(): packfile -> its kept spans as (payload offset, bytes), sorted; replaced, never
         # mutated, so that readers need no lock.
         self._spans: dict[bytes, list[tuple[int, bytes]]] = {}
-        self._span_bytes = 0
+        self._kept_bytes = 0
 
     def preload(
         self,
@@ -99,15 +99,13 @@ class Packfiles:
 
         def fetch(run: tuple[Location, list[tuple[int, Location]]]) -> None:
             span, items = run
-            name = _span_name(span)
-            data = cache.load_named(name) if cache is not None else None
-            if data is None or len(data) != span.length:
+            data = _kept_span(cache, span)
+            if data is None:
                 try:
                     data = self.pread(span)
                 except (FileNotFoundError, CorruptionError):
                     return  # read (and reported) blob by blob later, if ever needed
-                if cache is not None:
-                    cache.save_named(name, data)
+                _keep_span(cache, span, data)
             buf = memoryview(data)
             for i, loc in items:
                 rel = loc.offset - span.offset
@@ -127,10 +125,10 @@ class Packfiles:
         chunks lie just before its object). Each span starts up to `lead` bytes before its first
         blob (not before the packfile's payload). With `cache`, spans are kept there too and read
         from it next time (the same `locs` make the same spans). Returns the bytes of the spans."""
-        budget = min(budget, WARM_KEPT - self._span_bytes)
+        budget = min(budget, WARM_KEPT - self._kept_bytes)
         by_pf: dict[bytes, list[tuple[int, Location]]] = {}
         for rank, loc in enumerate(locs):
-            if not self._span_bytes_of(loc):
+            if not self.in_span(loc):
                 by_pf.setdefault(loc.packfile, []).append((rank, loc))
         runs = sorted(
             (min(rank for rank, _ in items), _reach_back(span, lead))
@@ -145,14 +143,9 @@ class Packfiles:
                 total += span.length
         # Each packfile's header is checked by a request of its own, in flight with the spans (a
         # span far from the start would otherwise wait for its header's round trip).
-        fetched: list[tuple[Location, bytes]] = []
-        if cache is not None:
-            for span in chosen:
-                data = cache.load_named(_span_name(span))
-                if data is not None and len(data) == span.length:
-                    fetched.append((span, data))
-            on_disk = {span for span, _ in fetched}
-            chosen = [span for span in chosen if span not in on_disk]
+        fetched = [(span, data) for span in chosen if (data := _kept_span(cache, span)) is not None]
+        on_disk = {span for span, _ in fetched}
+        chosen = [span for span in chosen if span not in on_disk]
         unchecked = {span.packfile for span in chosen if span.packfile not in self._checked}
         bad: set[bytes] = set()
 
@@ -160,8 +153,7 @@ class Packfiles:
             with contextlib.suppress(FileNotFoundError, KlosetError):  # read blob by blob later
                 data = self._read(span.packfile, c.HEADER_SIZE + span.offset, span.length)
                 fetched.append((span, data))
-                if cache is not None and len(data) == span.length:
-                    cache.save_named(_span_name(span), data)  # its blobs are checked when read
+                _keep_span(cache, span, data)  # its blobs are checked when read
 
         def check(packfile: bytes) -> None:
             try:
@@ -180,7 +172,7 @@ class Packfiles:
                     spans.setdefault(span.packfile, []).append((span.offset, data))
             spans = {pf: _merged(kept) for pf, kept in spans.items()}
             self._spans = spans
-            self._span_bytes = sum(len(data) for kept in spans.values() for _, data in kept)
+            self._kept_bytes = sum(len(data) for kept in spans.values() for _, data in kept)
         return total
 
     def in_span(self, loc: Location) -> bool:
@@ -378,6 +370,17 @@ class Packfiles:
 
 def _span_name(span: Location) -> str:
     return f"span-{span.packfile.hex()}-{span.offset}-{span.length}"
+
+
+def _kept_span(cache: NamedCache | None, span: Location) -> bytes | None:
+    """The span's bytes from the on-disk cache (None: not there, or not whole)."""
+    data = cache.load_named(_span_name(span)) if cache is not None else None
+    return data if data is not None and len(data) == span.length else None
+
+
+def _keep_span(cache: NamedCache | None, span: Location, data: bytes) -> None:
+    if cache is not None and len(data) == span.length:
+        cache.save_named(_span_name(span), data)
 
 
 def _reach_back(span: Location, lead: int) -> Location:
