@@ -134,13 +134,8 @@ def run_restores(s: Setup, work: Path) -> tuple[float, int, list[float]]:
         )  # fmt: skip
         run = None
         try:
-            cluster = postgres.locate(dest)
-            uid, gid = postgres.pg_ids()
-            postgres.fix_ownership(cluster.datadir, uid, gid)
-            postgres.prepare_datadir(cluster.datadir, Progress(quiet=True))
             run = RunDir.create(work / "runs")
-            server = postgres.Server(run, cluster, read_only=True, progress=Progress(quiet=True))
-            server.start()
+            server = postgres.start_server(run, dest, read_only=True, progress=Progress(quiet=True))
             out = server.query(
                 f"select coalesce(json_agg(json_build_array(aid::text, bid::text, abalance::text)), '[]') "
                 f"from ({SQL}) t",

@@ -198,13 +198,8 @@ def restore(location: str, snap: str, env: dict[str, str], work: Path, want: str
     restored = time.monotonic() - t0
     run = None
     try:
-        cluster = postgres.locate(dest)
-        uid, gid = postgres.pg_ids()
-        postgres.fix_ownership(cluster.datadir, uid, gid)
-        postgres.prepare_datadir(cluster.datadir, Progress(quiet=True))
         run = RunDir.create(runs)
-        server = postgres.Server(run, cluster, progress=Progress(quiet=True))
-        server.start()
+        server = postgres.start_server(run, dest, progress=Progress(quiet=True))  # as psql's start
         answer = server.query(SQL, "shop")
         seconds = time.monotonic() - t0
     finally:
