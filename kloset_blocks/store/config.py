@@ -40,16 +40,11 @@ def read_config_file(backend: Backend | str, display: str | None = None) -> byte
     """The raw CONFIG object (StoreError: no store there, or no CONFIG in it)."""
     backend = as_backend(backend)
     try:
-        raw = backend.read("CONFIG")
+        return backend.read("CONFIG")
     except FileNotFoundError:
         raise StoreError(
             f"not a kloset store: {display or backend.location.display} (no CONFIG file)"
         ) from None
-    if len(raw) > MAX_CONFIG:
-        raise CorruptionError(
-            f"{c.DAMAGED_CONFIG}: {backend.describe('CONFIG')} is larger than {MAX_CONFIG} bytes"
-        )
-    return raw
 
 
 def load_config(
@@ -65,7 +60,7 @@ def load_config(
     path = backend.describe("CONFIG")
     if raw is None:
         raw = read_config_file(backend, display)
-    elif len(raw) > MAX_CONFIG:
+    if len(raw) > MAX_CONFIG:  # read from the store or handed over: bounded alike
         raise CorruptionError(f"{c.DAMAGED_CONFIG}: {path} is larger than {MAX_CONFIG} bytes")
     version, payload = c.unwrap(raw, c.RT_CONFIG, None, path)
     if version != CONFIG_VERSION:
