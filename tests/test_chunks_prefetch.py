@@ -51,3 +51,20 @@ def test_shutdown_fails_cancelled_prefetches_and_get_still_works() -> None:
     assert result == [mac(4) * 100]
     assert source.calls[mac(4)] == 1
     cache.shutdown()
+
+
+def test_prefetch_after_shutdown_starts_no_worker_and_shutdown_returns() -> None:
+    """A prefetch that comes after shutdown (a background prefetcher still running at cleanup) once
+    started workers that ate the stop sentinels of the ones shutdown joined: it hung for good."""
+    source = SlowSource(0.05)
+    cache = ChunkCache(source, prefetch_workers=2)
+    cache.prefetch([mac(0)])
+    cache.shutdown()
+    before = threading.active_count()
+    cache.prefetch([mac(i) for i in range(1, 5)])
+    assert threading.active_count() == before  # no worker started
+    assert cache.get(mac(3)) == mac(3) * 100  # the foreground still reads
+    done = threading.Thread(target=cache.shutdown, daemon=True)
+    done.start()
+    done.join(timeout=10)
+    assert not done.is_alive()

@@ -141,6 +141,7 @@ class ChunkCache:
         self._nworkers = prefetch_workers
         self._workers: list[threading.Thread] = []
         self._workers_lock = threading.Lock()
+        self._shut = False  # shutdown() was called
         self._hits, self._misses, self._shared_waits = Count(), Count(), Count()
         self._prefetched, self._prefetch_taken = Count(), Count()
         self._fetch_errors, self._bytes_decoded = Count(), 0
@@ -202,6 +203,8 @@ class ChunkCache:
 
     def prefetch(self, macs: Iterable[bytes]) -> None:
         """Start fetching the chunks not cached nor in flight, in the background."""
+        if self._shut:
+            return
         started = False
         for mac in macs:
             if self._cached(mac):
@@ -227,7 +230,10 @@ class ChunkCache:
                 fetch.wait()
 
     def shutdown(self) -> None:
+        """Stop the prefetch workers (for good: a prefetch asked for later fetches nothing; get()
+        still works). Workers started after this took the list would eat its stop sentinels."""
         with self._workers_lock:
+            self._shut = True
             workers, self._workers = self._workers, []
         cancelled: list[Fetch] = []
         for mac in list(self._queued):
@@ -247,7 +253,7 @@ class ChunkCache:
         # survive a fork.
         if len(self._workers) < self._nworkers:
             with self._workers_lock:
-                while len(self._workers) < self._nworkers:
+                while not self._shut and len(self._workers) < self._nworkers:
                     worker = threading.Thread(target=self._work, name="kloset-prefetch", daemon=True)
                     worker.start()
                     self._workers.append(worker)
