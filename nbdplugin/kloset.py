@@ -82,6 +82,10 @@ def get_ready():
     nbdkit.debug(f"kloset: default export {server.default_export}")
 
 
+def after_fork():
+    server.after_fork()
+
+
 def cleanup():
     nbdkit.debug(f"kloset: stats {server.stats()}")
     server.cleanup()

@@ -227,6 +227,10 @@ def sshd_server(base: Path, count_requests: bool = False) -> Iterator[SshServer]
         "PasswordAuthentication no\nKbdInteractiveAuthentication no\nPubkeyAuthentication yes\n"
         "PermitRootLogin prohibit-password\nUsePAM no\nStrictModes no\nMaxSessions 64\nMaxStartups 64\n"
         f"Subsystem sftp {subsystem}\nLogLevel ERROR\n"
+        # sshd starts the sftp-server program through the user's login shell, and bash sources
+        # ~/.bashrc when sshd runs it: this machine's root runs `pyenv init` there (0.2 s a
+        # session). A session's home is this directory, with no rc file, as a backup account's is.
+        f"SetEnv HOME={d}\n"
     )
     os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # sshd's privilege separation directory
     known = d / "known_hosts"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -412,3 +413,58 @@ def test_daemonized_nbdkit_serves_and_exits(
         while block := a.read(1 << 20):
             assert block == b.read(1 << 20)
         assert b.read(1) == b""
+
+
+def test_sftp_threads_share_one_session_and_a_warm_start_connects_to_nothing(
+    fixtures_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Counted by OpenSSH's sftp-server (a process, and a "session opened" line, per SFTP channel;
+    a line per OPEN): a cold start and a 32 MiB read by the plugin's fetch threads use one channel
+    and open each packfile once. Warm (the on-disk cache kept) and handed the command's view, the
+    start and the same read make no connection at all, and after nbdkit's fork the connection is
+    made in the background. The bytes equal the fs store's."""
+    from kloset_blocks.serving.nbdkit import VIEW_ENV
+    from tests.remote_servers import sshd_server
+
+    with sshd_server(tmp_path / "srv", count_requests=True) as ssh:
+        shutil.copytree(fixtures_dir / "golden-plain", tmp_path / "store")
+        location = ssh.location(tmp_path / "store")
+        _with_config(monkeypatch, ssh.config(tmp_path / "sftp.conf"))
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+        assert ssh.sftp_log is not None
+
+        def log() -> list[str]:
+            return ssh.sftp_log.read_text().splitlines() if ssh.sftp_log.exists() else []
+
+        def sessions() -> int:
+            return sum("session opened" in line for line in log())
+
+        def read_all(store: str) -> tuple[bytes, object]:
+            server = server_for(store, "pgdata=true")
+            export = server.open("")
+            buf = bytearray(min(export.image.size, 32 << 20))
+            server.pread(export, memoryview(buf), 0)
+            server.settle()
+            return bytes(buf), server
+
+        cold, server = read_all(location)
+        server.cleanup()
+        server.store.close()
+        opens = [line.split('"')[1] for line in log() if re.search(r'open "[^"]*/packfiles/', line)]
+        assert sessions() == 1
+        assert opens and len(opens) == len(set(opens))  # each packfile opened once, by one thread
+
+        with open_store(location) as parent:  # the command's own session, as psql's
+            view = parent.view()
+        monkeypatch.setenv(VIEW_ENV, view)
+        before = len(log())
+        warm, server = read_all(location)
+        assert len(log()) == before and sessions() == 2  # not even a connection
+        server.after_fork()
+        server.store.backend.list("states/")  # waits for the background connect, then asks
+        assert sessions() == 3
+        server.cleanup()
+        server.store.close()
+        monkeypatch.delenv(VIEW_ENV)
+        local, _ = read_all(f"fs:{fixtures_dir / 'golden-plain'}")
+        assert cold == warm == local

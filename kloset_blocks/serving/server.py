@@ -291,6 +291,13 @@ class Server:
         if self.disk is not None:
             self.disk.flush()
 
+    def after_fork(self) -> None:
+        """nbdkit has forked (or, with -f, would have): threads may start now. A remote store's
+        connection is made in the background, so that a start whose reads are all in the on-disk
+        cache never waits for it."""
+        if self.store is not None and self.store.remote:
+            self.store.backend.connect_in_background()
+
     # ---- exports -------------------------------------------------------------------------------
 
     def list_exports(self) -> list[tuple[str, str]]:

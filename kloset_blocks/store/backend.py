@@ -46,12 +46,19 @@ class Backend(Protocol):
         """The object's name for messages (a path, an s3:// or sftp:// URL)."""
         ...
 
+    def connect_in_background(self) -> None:
+        """Start what the first request would wait for (SFTP: the SSH handshake), in a thread;
+        nothing for the others. Never before a fork (nbdkit calls it after its own)."""
+        ...
+
     def close(self) -> None: ...
 
 
 def open_backend(loc: StoreLocation) -> Backend:
-    """The backend for a parsed location; remote ones read their options (store/options.py) and
-    connect here, so a bad credential or an unreachable host fails now, in one line."""
+    """The backend for a parsed location; remote ones read their options (store/options.py) here.
+    S3 checks its credentials' presence here; SFTP connects on the first request (or in the
+    background, connect_in_background): a bad credential or an unreachable host fails that request,
+    in one line."""
     if loc.scheme == "s3":
         from kloset_blocks.store.backend_s3 import S3Backend
 
@@ -86,6 +93,9 @@ class FsBackend:
 
     def describe(self, key: str) -> str:
         return os.path.join(self.root, key)
+
+    def connect_in_background(self) -> None:
+        pass
 
     def read(self, key: str) -> bytes:
         path = self.describe(key)

@@ -258,6 +258,9 @@ class S3Backend:
         port = f":{self.location.port}" if self.location.port else ""
         return f"s3://{self.location.host}{port}/{self.bucket}/{self.prefix}{key}"
 
+    def connect_in_background(self) -> None:
+        pass  # a connection costs one round trip here (two or three with TLS), made by the request
+
     def _call(self, key: str, call: Callable[[], T], what: str = "read") -> T:
         def once() -> T:
             try:

@@ -3,11 +3,21 @@
 # option) must know the host unless `insecure_ignore_host_key=true`; a key that differs from the
 # recorded one is refused. Authentication: `identity=FILE`, else the SSH agent and ~/.ssh/id_*.
 #
-# Strategy: one SSH connection, several SFTP channels over it (an SFTP channel answers its
-# requests in order, so parallel reads need parallel channels); a thread checks a channel out of
-# the pool for each call. Ranged reads use readv, which pipelines the 32 KiB SFTP reads of a span
-# instead of waiting a round trip for each. Open file handles are kept per channel (bounded), so a
-# packfile read again costs one request, not an open, a read and a close.
+# Strategy: one SSH connection and one SFTP channel over it, shared by every thread (_Pipe). SFTP
+# tags each request with an id: a thread sends its requests under a lock and waits for its own
+# replies, which one reader thread hands out, so any number of requests from any number of threads
+# are in flight at once and a call costs its round trips, never a wait behind another thread's. One
+# channel, not a pool of them: a pool pays a channel open, a subsystem start (a server process
+# each, for OpenSSH) and a version exchange per channel, one after another, and its own open of
+# every packfile; one channel carries the link's bandwidth as well (one SSH connection either way).
+# A ranged read is its 32 KiB pieces (the size every server must accept), sent at once. Packfile
+# handles are opened once and kept (bounded, never closed while a thread uses one); a whole small
+# object is an OPEN and a STAT sent together, then its reads: two round trips. The check that the
+# store directory exists is sent at connect and its answer taken with the first call's.
+# paramiko provides the SSH connection (keys, agent, known_hosts, ciphers); the SFTP requests used
+# here (version 3: OPEN, READ, STAT, OPENDIR, READDIR, CLOSE) are framed here, with paramiko's
+# constants and attribute decoder, so that a reply can be bounded before it is read (the server is
+# untrusted: a reply over MAX_REPLY, a DATA longer than asked, a truncated field are errors).
 #
 # Invariants:
 # - Read-only: files are opened "rb"; no request here changes the remote directory.
@@ -20,16 +30,37 @@ import contextlib
 import errno
 import getpass
 import os
-import queue
 import socket
 import stat
+import struct
 import threading
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Protocol, TypeVar
 
 import paramiko
+from paramiko.common import DEFAULT_MAX_PACKET_SIZE
+from paramiko.sftp import (
+    CMD_ATTRS,
+    CMD_CLOSE,
+    CMD_DATA,
+    CMD_HANDLE,
+    CMD_INIT,
+    CMD_NAME,
+    CMD_OPEN,
+    CMD_OPENDIR,
+    CMD_READ,
+    CMD_READDIR,
+    CMD_STAT,
+    CMD_STATUS,
+    CMD_VERSION,
+    SFTP_EOF,
+    SFTP_FLAG_READ,
+    SFTP_NO_SUCH_FILE,
+    SFTP_PERMISSION_DENIED,
+)
 
 from kloset_blocks.errors import StoreError
 from kloset_blocks.store.location import StoreLocation
@@ -42,8 +73,13 @@ from kloset_blocks.store.options import (
     store_options,
 )
 
-PARALLELISM = 16
-HANDLES_PER_CHANNEL = 64
+PARALLELISM = 16  # threads worth having in flight (callers' pools); they share one channel
+HANDLES = 64  # packfile handles kept open
+READ_PIECE = 32768  # bytes per READ: what every SFTP server accepts (OpenSSH's own client's size)
+PIECES_IN_FLIGHT = 64  # READs of one call outstanding at once (2 MiB)
+WINDOW = 16 << 20  # the channel's receive window: 16 MiB in flight covers 1 Gbit/s at 100 ms
+MAX_REPLY = 1 << 20  # no reply to these requests is near this; a longer one is refused unread
+CONNECT_DEADLINE = 10.0  # the TCP connect's own bound (connect()); the handshake has `timeout`
 T = TypeVar("T")
 
 
@@ -75,7 +111,7 @@ def connect(loc: StoreLocation, opts: dict[str, str]) -> paramiko.SSHClient:
             port=port,
             username=user,
             key_filename=os.path.expanduser(identity) if identity else None,
-            timeout=min(timeout, 10.0),
+            timeout=min(timeout, CONNECT_DEADLINE),
             banner_timeout=timeout,
             auth_timeout=timeout,
             channel_timeout=timeout,
@@ -104,29 +140,327 @@ def connect(loc: StoreLocation, opts: dict[str, str]) -> paramiko.SSHClient:
     return client
 
 
-class _Channel:
-    def __init__(self, sftp: paramiko.SFTPClient, timeout: float) -> None:
-        self.sftp = sftp
-        sftp.get_channel().settimeout(timeout)
-        self.handles: OrderedDict[str, tuple[paramiko.SFTPFile, int]] = OrderedDict()
+Reply = tuple[int, bytes]  # the reply's type and its bytes after the request id
 
-    def handle(self, path: str) -> tuple[paramiko.SFTPFile, int]:
-        got = self.handles.get(path)
-        if got is not None:
-            self.handles.move_to_end(path)
-            return got
-        f = self.sftp.open(path, "rb")
-        got = (f, f.stat().st_size or 0)
-        self.handles[path] = got
-        if len(self.handles) > HANDLES_PER_CHANNEL:
-            _, (old, _) = self.handles.popitem(last=False)
-            with contextlib.suppress(Exception):
-                old.close()
-        return got
 
-    def close(self) -> None:
+def _string(data: bytes | str) -> bytes:
+    raw = data.encode() if isinstance(data, str) else data
+    return struct.pack(">I", len(raw)) + raw
+
+
+class _Fields:
+    """Reads a reply's fields; a field running past the reply's end is an error (paramiko's
+    Message pads with zeros instead)."""
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+        self.at = 0
+
+    def take(self, n: int) -> bytes:
+        if self.at + n > len(self.body):
+            raise _protocol_error("a truncated reply")
+        out = self.body[self.at : self.at + n]
+        self.at += n
+        return out
+
+    def int(self) -> int:
+        return struct.unpack(">I", self.take(4))[0]
+
+    def int64(self) -> int:
+        return struct.unpack(">Q", self.take(8))[0]
+
+    def string(self) -> bytes:
+        return self.take(self.int())
+
+    def attrs(self) -> paramiko.SFTPAttributes:
+        flags = self.int()
+        attrs = paramiko.SFTPAttributes()
+        if flags & paramiko.SFTPAttributes.FLAG_SIZE:
+            attrs.st_size = self.int64()
+        if flags & paramiko.SFTPAttributes.FLAG_UIDGID:
+            attrs.st_uid, attrs.st_gid = self.int(), self.int()
+        if flags & paramiko.SFTPAttributes.FLAG_PERMISSIONS:
+            attrs.st_mode = self.int()
+        if flags & paramiko.SFTPAttributes.FLAG_AMTIME:
+            attrs.st_atime, attrs.st_mtime = self.int(), self.int()
+        if flags & paramiko.SFTPAttributes.FLAG_EXTENDED:
+            for _ in range(self.int()):
+                self.string(), self.string()
+        return attrs
+
+
+class _EndOfFile(Exception):
+    """SFTP's EOF status: the end of a file or a directory listing (not EOFError, which is the
+    connection's end here, a transient failure)."""
+
+
+def _protocol_error(what: str) -> OSError:
+    return OSError(errno.EIO, f"sftp protocol error: {what}")
+
+
+def _status(body: bytes, path: str) -> OSError | None:
+    """A STATUS reply as the error it reports (None for EOF)."""
+    fields = _Fields(body)
+    code = fields.int()
+    if code == SFTP_EOF:
+        return None
+    text = fields.string().decode(errors="replace")[:200] if fields.at < len(body) else ""
+    if code == SFTP_NO_SUCH_FILE:
+        return FileNotFoundError(errno.ENOENT, "no such file", path)
+    if code == SFTP_PERMISSION_DENIED:
+        return PermissionError(errno.EACCES, "permission denied", path)
+    return OSError(errno.EIO, f"server said: {text or f'status {code}'}", path)
+
+
+def _expect(reply: Reply, kind: int, path: str) -> _Fields:
+    """The reply's fields if it is `kind`; the error a STATUS reports raised (_EndOfFile at EOF)."""
+    got, body = reply
+    if got == kind:
+        return _Fields(body)
+    if got == CMD_STATUS:
+        error = _status(body, path)
+        raise error if error is not None else _EndOfFile(path)
+    raise _protocol_error(f"reply {got} to a request expecting {kind}")
+
+
+class _Stream(Protocol):
+    """What the pipe needs of its channel (a paramiko Channel; a socket in the tests)."""
+
+    def sendall(self, data: bytes) -> None: ...
+    def recv(self, n: int) -> bytes: ...
+    def settimeout(self, timeout: float | None) -> None: ...
+    def close(self) -> None: ...
+
+
+@dataclass
+class _Open:
+    reply: Future[Reply]
+    users: int = 0
+    handle: bytes | None = None
+
+
+@dataclass
+class _Pipe:
+    """One SFTP channel shared by every thread (see the module comment). `broken` is set, and
+    every waiting call fails, once the channel fails or a reply does not come in time."""
+
+    chan: _Stream
+    timeout: float
+    broken: BaseException | None = None
+    _next: int = 1
+    _waiting: dict[int, Future[Reply]] = field(default_factory=dict)
+    _opened: OrderedDict[str, _Open] = field(default_factory=OrderedDict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _send_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @classmethod
+    def open(cls, transport: paramiko.Transport, timeout: float) -> _Pipe:
+        chan = transport.open_session(window_size=WINDOW, max_packet_size=DEFAULT_MAX_PACKET_SIZE)
+        try:
+            chan.settimeout(timeout)
+            chan.invoke_subsystem("sftp")
+            return cls.start(chan, timeout)
+        except BaseException:
+            chan.close()
+            raise
+
+    @classmethod
+    def start(cls, chan: _Stream, timeout: float) -> _Pipe:
+        """The version exchange on an open SFTP stream, then the reply reader."""
+        pipe = cls(chan, timeout)
+        chan.settimeout(timeout)
+        pipe._send(CMD_INIT, struct.pack(">I", 3))
+        kind, _ = pipe._receive()
+        if kind != CMD_VERSION:
+            raise _protocol_error(f"reply {kind} to the version request")
+        chan.settimeout(None)  # the reader waits for as long as the channel lives; calls have deadlines
+        threading.Thread(target=pipe._read_replies, name="sftp-replies", daemon=True).start()
+        return pipe
+
+    def _send(self, kind: int, payload: bytes) -> None:
+        with self._send_lock:
+            self.chan.sendall(struct.pack(">IB", len(payload) + 1, kind) + payload)
+
+    def _receive_exactly(self, n: int) -> bytes:
+        parts, got = [], 0
+        while got < n:
+            part = self.chan.recv(n - got)
+            if not part:
+                raise EOFError("the SFTP channel closed")
+            parts.append(part)
+            got += len(part)
+        return b"".join(parts)
+
+    def _receive(self) -> tuple[int, bytes]:
+        (length,) = struct.unpack(">I", self._receive_exactly(4))
+        if not 1 <= length <= MAX_REPLY:
+            raise _protocol_error(f"a reply of {length} bytes")
+        packet = self._receive_exactly(length)
+        return packet[0], packet[1:]
+
+    def _read_replies(self) -> None:
+        try:
+            while True:
+                kind, packet = self._receive()
+                if len(packet) < 4:
+                    raise _protocol_error("a reply without a request id")
+                (rid,) = struct.unpack(">I", packet[:4])
+                with self._lock:
+                    waiter = self._waiting.pop(rid, None)
+                if waiter is not None:  # none for a CLOSE's reply, or a late reply to a failed call
+                    waiter.set_result((kind, packet[4:]))
+        except BaseException as e:  # the channel is done for, whatever the cause
+            self.fail(e)
+
+    def fail(self, error: BaseException) -> None:
+        with self._lock:
+            if self.broken is None:
+                self.broken = error
+            waiting, self._waiting = self._waiting, {}
+        for waiter in waiting.values():
+            waiter.set_exception(self._lost())
         with contextlib.suppress(Exception):
-            self.sftp.close()
+            self.chan.close()
+
+    def request(self, kind: int, payload: bytes, reply: bool = True) -> Future[Reply]:
+        """Send a request; its reply arrives in the future (no future is kept with reply=False)."""
+        waiter: Future[Reply] = Future()
+        with self._lock:
+            if self.broken is not None:
+                raise self._lost()
+            rid = self._next
+            self._next = (self._next + 1) & 0xFFFFFFFF
+            if reply:
+                self._waiting[rid] = waiter
+        try:
+            self._send(kind, struct.pack(">I", rid) + payload)
+        except BaseException as e:
+            self.fail(e)
+            raise self._lost() from None
+        return waiter
+
+    def _lost(self) -> BaseException:
+        """A new exception for each call the failure ends: a timeout stays a TimeoutError, anything
+        else is a lost connection (both retried, on a new channel)."""
+        error = self.broken
+        if isinstance(error, TimeoutError):
+            return TimeoutError(str(error))
+        return EOFError(f"the SFTP connection failed: {_describe(error) if error else 'closed'}")
+
+    def wait(self, waiter: Future[Reply]) -> Reply:
+        try:
+            return waiter.result(self.timeout)
+        except TimeoutError:
+            if not waiter.done():
+                self.fail(TimeoutError("the server did not answer in time"))
+            raise TimeoutError("the server did not answer in time") from None
+
+    def close_handle(self, handle: bytes) -> None:
+        with contextlib.suppress(Exception):
+            self.request(CMD_CLOSE, _string(handle), reply=False)
+
+    @contextlib.contextmanager
+    def opened(self, path: str) -> Iterator[bytes]:
+        """A handle of `path` kept open for later calls (one OPEN, whoever asks first)."""
+        with self._lock:
+            entry = self._opened.get(path)
+            if entry is None:
+                entry = self._opened[path] = _Open(Future())
+                opening = True
+            else:
+                self._opened.move_to_end(path)
+                opening = False
+            entry.users += 1
+        try:
+            if opening:
+                try:
+                    entry.reply.set_result(self.wait(self.request(CMD_OPEN, _open_payload(path))))
+                except BaseException as e:
+                    entry.reply.set_exception(e)
+            try:
+                if entry.handle is None:
+                    entry.handle = _expect(self.wait(entry.reply), CMD_HANDLE, path).string()
+            except BaseException:
+                with self._lock:
+                    if self._opened.get(path) is entry:
+                        del self._opened[path]  # the next call opens it again
+                raise
+            yield entry.handle
+        finally:
+            with self._lock:
+                entry.users -= 1
+                idle = self._evictable()
+            for handle in idle:
+                self.close_handle(handle)
+
+    def _evictable(self) -> list[bytes]:
+        """Handles over HANDLES that no thread is using, least recently used first (under _lock)."""
+        out = []
+        for path in list(self._opened):
+            if len(self._opened) <= HANDLES:
+                break
+            entry = self._opened[path]
+            if entry.users == 0 and entry.handle is not None:
+                del self._opened[path]
+                out.append(entry.handle)
+        return out
+
+    def read(self, handle: bytes, offset: int, length: int, path: str) -> bytes:
+        """`length` bytes at `offset` (fewer only at the end of the file): READs sent at once."""
+        out: list[bytes] = []
+        pending: deque[tuple[int, int, Future[Reply]]] = deque()
+        at, end = offset, offset + length
+        while at < end or pending:
+            while at < end and len(pending) < PIECES_IN_FLIGHT:
+                n = min(READ_PIECE, end - at)
+                pending.append((at, n, self.request(CMD_READ, _string(handle) + struct.pack(">QI", at, n))))
+                at += n
+            start, n, waiter = pending.popleft()
+            try:
+                data = _expect(self.wait(waiter), CMD_DATA, path).string()
+            except _EndOfFile:
+                break  # the file ends before this piece: what came before is all of it
+            if len(data) > n:
+                raise _protocol_error(f"{len(data)} bytes for a read of {n}")
+            out.append(data)
+            if len(data) < n:  # a short read: the rest of this piece, before the pieces after it
+                rest = self.read(handle, start + len(data), n - len(data), path)
+                out.append(rest)
+                if len(rest) < n - len(data):
+                    break
+        return b"".join(out)
+
+    def stat(self, path: str) -> Future[Reply]:
+        return self.request(CMD_STAT, _string(path))
+
+    def listdir(self, path: str) -> list[tuple[str, int]]:
+        """(name, st_mode) of each entry but . and .. (and names no key can hold)."""
+        handle = _expect(self.wait(self.request(CMD_OPENDIR, _string(path))), CMD_HANDLE, path).string()
+        entries: list[tuple[str, int]] = []
+        try:
+            while True:  # two READDIRs at a time: a small directory is its names and the EOF at once
+                waiters = [self.request(CMD_READDIR, _string(handle)) for _ in range(2)]
+                ended = False
+                for waiter in waiters:
+                    try:
+                        fields = _expect(self.wait(waiter), CMD_NAME, path)
+                    except _EndOfFile:
+                        ended = True
+                        continue
+                    for _ in range(fields.int()):
+                        name = fields.string().decode(errors="surrogateescape")
+                        fields.string()  # the long name, as ls -l would print it
+                        mode = fields.attrs().st_mode or 0
+                        if name not in (".", "..") and "/" not in name and "\x00" not in name:
+                            entries.append((name, mode))
+                if ended:
+                    return entries
+        finally:
+            self.close_handle(handle)
+
+
+def _open_payload(path: str) -> bytes:
+    return _string(path) + struct.pack(">II", SFTP_FLAG_READ, 0)  # no attributes
 
 
 class SftpBackend:
@@ -139,24 +473,47 @@ class SftpBackend:
         self.attempts = 1 + int(parse_number(self.opts, "retries", DEFAULT_RETRIES))
         self.root = loc.path
         self._lock = threading.Lock()
-        self._idle: queue.LifoQueue[_Channel] = queue.LifoQueue()
-        self._opened = 0
         self._closed = False
-        self._client = connect(loc, self.opts)
+        self._client: paramiko.SSHClient | None = None
         self._pid = os.getpid()
         self._forsaken: list[paramiko.SSHClient] = []
+        self._pipe: _Pipe | None = None
+        self._root_stat: Future[Reply] | None = None
+        self._root_checked = False
+        self._root_lock = threading.Lock()
+        # Nothing is connected here: the first call connects (the SSH handshake is five or six
+        # round trips, the channel's start three more), or connect_in_background() starts it.
+        self._connecting: Future[None] | None = None
+
+    def connect_in_background(self) -> None:
+        """Start connecting now, in a thread, unless connected or connecting: the first call then
+        waits for it, and a process that needs no request (the plugin on a warm start, all its
+        reads in the on-disk cache) never waits at all. nbdkit calls it after its fork (a thread
+        alive at a C fork() could hold a lock the child then waits for forever)."""
+        with self._lock:
+            if self._pid != os.getpid():
+                self._after_fork()
+            if self._closed or self._connecting is not None or self._pipe is not None:
+                return
+            self._connecting = connecting = Future()
+        threading.Thread(
+            target=self._connect_in_background, args=(connecting,), name="sftp-connect", daemon=True
+        ).start()
+
+    def _connect_in_background(self, connecting: Future[None]) -> None:
         try:
-            with self._channel() as ch:
-                st = ch.sftp.stat(self.root)
-        except (FileNotFoundError, StoreError):
-            self.close()
-            raise StoreError(f"store not found: {loc.display} (no such directory)") from None
-        except Exception as e:
-            self.close()
-            raise StoreError(f"sftp {loc.display}: {e}") from None
-        if not stat.S_ISDIR(st.st_mode or 0):
-            self.close()
-            raise StoreError(f"store not found: {loc.display} (not a directory)")
+            with self._lock:
+                self._open_pipe()
+        except BaseException as e:
+            connecting.set_exception(e)
+        else:
+            connecting.set_result(None)
+
+    def client(self) -> paramiko.SSHClient:
+        """The SSH connection (mkstore writes through its own SFTP session on it)."""
+        self._current_pipe()
+        assert self._client is not None
+        return self._client
 
     def describe(self, key: str) -> str:
         loc = self.location
@@ -167,126 +524,156 @@ class SftpBackend:
     def _path(self, key: str) -> str:
         return f"{self.root}/{key}" if key else self.root
 
-    @contextlib.contextmanager
-    def _channel(self) -> Iterator[_Channel]:
-        ch = self._checkout()
-        try:
-            yield ch
-        except BaseException:
-            ch.close()  # its state is unknown (a timeout mid-request): do not reuse it
-            with self._lock:
-                self._opened -= 1
-            raise
-        self._idle.put(ch)
-
     def _after_fork(self) -> None:
-        # nbdkit forks with C's fork() (no Python at-fork handler runs): the SSH transport's thread
-        # is gone in the child, though its objects say it is active. Connect anew; the parent's
-        # client is kept unreferenced-free, not closed (closing would wait on the gone thread).
-        with self._lock:
-            if self._pid == os.getpid():
-                return
+        # nbdkit forks with C's fork() (no Python at-fork handler runs): the SSH transport's thread,
+        # the reply reader and a connect under way are gone in the child, though their objects say
+        # they are alive. Connect anew; the parent's client is kept referenced, not closed (closing
+        # would wait on the gone thread).
+        if self._client is not None:
             self._forsaken.append(self._client)
-            self._idle = queue.LifoQueue()
-            self._opened = 0
-            self._client = connect(self.location, self.opts)
-            self._pid = os.getpid()
+        self._client = None
+        self._connecting = None
+        self._pipe = None
+        self._root_stat = None
+        self._pid = os.getpid()
 
-    def _checkout(self) -> _Channel:
-        if self._pid != os.getpid():
-            self._after_fork()
-        with contextlib.suppress(queue.Empty):
-            return self._idle.get_nowait()
+    def _wait_for_connect(self) -> None:
+        """The background connect's outcome, for the first call after it. Its failure is this call's
+        (one line); a later call connects again itself."""
+        connecting = self._connecting
+        if connecting is None or self._pid != os.getpid():
+            return
+        try:
+            connecting.result(CONNECT_DEADLINE + 2 * self.timeout)
+        except StoreError as e:
+            self._connecting = None
+            raise StoreError(str(e)) from None
+        except BaseException as e:
+            self._connecting = None
+            raise StoreError(f"sftp {self.location.display}: cannot connect: {_describe(e)}") from None
+        self._connecting = None
+
+    def _open_pipe(self) -> None:
+        """Open the channel, connecting first when the connection is gone (under _lock)."""
+        transport = self._client.get_transport() if self._client is not None else None
+        if transport is None or not transport.is_active():
+            if self._client is not None:
+                self._client.close()
+            self._client = None
+            self._client = connect(self.location, self.opts)
+            transport = self._client.get_transport()
+        assert transport is not None
+        self._pipe = _Pipe.open(transport, self.timeout)
+        if not self._root_checked and self._root_stat is None:
+            self._root_stat = self._pipe.stat(self.root)
+
+    def _current_pipe(self) -> _Pipe:
+        """The shared channel, opened again (and the connection made again) after a failure."""
+        self._wait_for_connect()
         with self._lock:
+            if self._pid != os.getpid():
+                self._after_fork()
             if self._closed:
                 raise StoreError("store is closed")
-            grow = self._opened < self.parallelism
-            if grow:
-                self._opened += 1
-        if not grow:
+            if self._pipe is None or self._pipe.broken is not None:
+                self._open_pipe()
+            assert self._pipe is not None
+            return self._pipe
+
+    def _check_root(self, pipe: _Pipe) -> None:
+        """That the store's directory exists: the answer to the STAT sent at connect, which has
+        come back by the time the first call's replies have."""
+        with self._root_lock:
+            if self._root_checked:
+                return
+            stat_reply = self._root_stat
+            if stat_reply is None or (stat_reply.done() and stat_reply.exception() is not None):
+                stat_reply = pipe.stat(self.root)
             try:
-                return self._idle.get(timeout=self.timeout)
-            except queue.Empty:
-                raise TimeoutError("no SFTP channel became free") from None
-        try:
-            return _Channel(self._transport_client().open_sftp(), self.timeout)
-        except BaseException:
-            with self._lock:
-                self._opened -= 1
-            raise
+                st = _expect(pipe.wait(stat_reply), CMD_ATTRS, self.root).attrs()
+            except FileNotFoundError:
+                raise StoreError(f"store not found: {self.location.display} (no such directory)") from None
+            finally:
+                self._root_stat = None
+            if not stat.S_ISDIR(st.st_mode or 0):
+                raise StoreError(f"store not found: {self.location.display} (not a directory)")
+            self._root_checked = True
 
-    def _transport_client(self) -> paramiko.SSHClient:
-        with self._lock:
-            transport = self._client.get_transport()
-            if transport is None or not transport.is_active():
-                self._client.close()
-                self._client = connect(self.location, self.opts)
-            return self._client
-
-    def _call(self, key: str, fn: Callable[[_Channel], T], what: str = "read") -> T:
+    def _call(self, key: str, fn: Callable[[_Pipe], T], what: str = "read") -> T:
         def once() -> T:
-            with self._channel() as ch:
-                try:
-                    return fn(ch)
-                except FileNotFoundError:
-                    raise FileNotFoundError(errno.ENOENT, "no such file", self.describe(key)) from None
-                except OSError as e:
-                    if e.errno == errno.ENOENT:
-                        raise FileNotFoundError(errno.ENOENT, "no such file", self.describe(key)) from None
+            pipe = self._current_pipe()
+            try:
+                result = fn(pipe)
+            except OSError as e:
+                if e.errno != errno.ENOENT:
                     raise
+                self._check_root(pipe)
+                raise FileNotFoundError(errno.ENOENT, "no such file", self.describe(key)) from None
+            self._check_root(pipe)
+            return result
 
         return retry(once, f"cannot {what} {self.describe(key)}", _transient, self.attempts, _describe)
 
     def read(self, key: str) -> bytes:
-        def get(ch: _Channel) -> bytes:
-            with ch.sftp.open(self._path(key), "rb") as f:
-                size = f.stat().st_size or 0
-                return b"".join(f.readv([(0, size)])) if size else b""
+        def get(pipe: _Pipe) -> bytes:
+            path = self._path(key)
+            opened = pipe.request(CMD_OPEN, _open_payload(path))
+            attrs = pipe.stat(path)  # sent with the OPEN: the size comes back with the handle
+            handle = _expect(pipe.wait(opened), CMD_HANDLE, path).string()
+            try:
+                size = _expect(pipe.wait(attrs), CMD_ATTRS, path).attrs().st_size or 0
+                return pipe.read(handle, 0, size, path) if size else b""
+            finally:
+                pipe.close_handle(handle)
 
         return self._call(key, get)
 
     def read_range(self, key: str, offset: int, length: int) -> bytes:
-        def get(ch: _Channel) -> bytes:
-            f, size = ch.handle(self._path(key))
-            n = max(0, min(length, size - offset))
-            return b"".join(f.readv([(offset, n)])) if n else b""
+        def get(pipe: _Pipe) -> bytes:
+            path = self._path(key)
+            with pipe.opened(path) as handle:
+                return pipe.read(handle, offset, length, path) if length > 0 else b""
 
         return self._call(key, get)
 
     def list(self, prefix: str) -> list[str]:
         top = prefix.rstrip("/")
 
-        def listdir(rel: str) -> list[paramiko.SFTPAttributes]:
-            return self._call(rel, lambda ch: ch.sftp.listdir_attr(self._path(rel)), "list")
+        def listdir(rel: str) -> list[tuple[str, int]]:
+            return self._call(rel, lambda pipe: pipe.listdir(self._path(rel)), "list")
 
         try:
             entries = listdir(top)
         except FileNotFoundError:
             return []
-        out = [f"{top}/{e.filename}" for e in entries if stat.S_ISREG(e.st_mode or 0)]
-        dirs = [f"{top}/{e.filename}" for e in entries if stat.S_ISDIR(e.st_mode or 0)]
+        out = [f"{top}/{name}" for name, mode in entries if stat.S_ISREG(mode)]
+        dirs = [f"{top}/{name}" for name, mode in entries if stat.S_ISDIR(mode)]
 
         def files(rel: str) -> list[str]:
             try:
-                return [f"{rel}/{e.filename}" for e in listdir(rel) if stat.S_ISREG(e.st_mode or 0)]
+                return [f"{rel}/{name}" for name, mode in listdir(rel) if stat.S_ISREG(mode)]
             except FileNotFoundError:
                 return []
 
-        if dirs:  # one request per bucket directory: in parallel, each on its own channel
+        if dirs:  # one listing per bucket directory, all in flight at once
             with ThreadPoolExecutor(min(self.parallelism, len(dirs))) as pool:
                 for names in pool.map(files, dirs):
                     out.extend(names)
         return sorted(out)
 
     def close(self) -> None:
+        connecting = self._connecting
+        if connecting is not None and self._pid == os.getpid():
+            with contextlib.suppress(BaseException):  # its connection is closed below
+                connecting.result(CONNECT_DEADLINE + 2 * self.timeout)
         with self._lock:
             self._closed = True
-        while True:
-            try:
-                self._idle.get_nowait().close()
-            except queue.Empty:
-                break
-        self._client.close()
+            pipe, self._pipe = self._pipe, None
+            client, self._client = self._client, None
+        if pipe is not None:
+            pipe.fail(EOFError("the store is closed"))
+        if client is not None:
+            client.close()
 
 
 def _describe(e: BaseException) -> str:

@@ -129,7 +129,7 @@ def _putter(loc: StoreLocation, backend: Backend) -> Callable[[str, bytes], None
             retry(once, f"cannot write {backend.describe(key)}", _transient, backend.attempts, _describe)  # type: ignore[attr-defined]
 
         return put_s3
-    sftp = backend._client.open_sftp()  # type: ignore[attr-defined]
+    sftp = backend.client().open_sftp()  # type: ignore[attr-defined]
 
     def put_sftp(key: str, data: bytes) -> None:
         path = f"{loc.path}/{key}"
