@@ -12,11 +12,13 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from kloset_blocks.errors import StoreError
+from kloset_blocks.pgdata import find_pgdata
 from kloset_blocks.store import open_store
 from kloset_blocks.store.options import CONFIG_ENV
 from tests.conftest import server_for
@@ -457,6 +459,9 @@ def test_sftp_threads_share_one_session_and_a_warm_start_connects_to_nothing(
         with open_store(location) as parent:  # the command's own session, as psql's
             view = parent.view()
         monkeypatch.setenv(VIEW_ENV, view)
+        deadline = time.monotonic() + 10  # its last CLOSEs are not waited for: until the server logs the end
+        while sum("session closed" in line for line in log()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
         before = len(log())
         warm, server = read_all(location)
         assert len(log()) == before and sessions() == 2  # not even a connection
@@ -468,3 +473,54 @@ def test_sftp_threads_share_one_session_and_a_warm_start_connects_to_nothing(
         monkeypatch.delenv(VIEW_ENV)
         local, _ = read_all(f"fs:{fixtures_dir / 'golden-plain'}")
         assert cold == warm == local
+
+
+@pytest.mark.parametrize("backend", ["s3", "sftp"])
+def test_the_commands_warm_up_leaves_the_plugin_nothing_to_fetch_to_get_ready(
+    backend: str,
+    remotes: dict[str, tuple[str, Path]],
+    fixtures_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A command that starts nbdkit warms the snapshot up on its own connection (prepare():
+    warm_snapshot) and hands over its view: the plugin's start, cold otherwise, then asks the server
+    for nothing (the spans it plans are the command's, read from the on-disk cache), and its image
+    reads the bytes the fs store's does."""
+    from kloset_blocks.serving.nbdkit import VIEW_ENV
+    from kloset_blocks.serving.startup import warm_snapshot
+    from kloset_blocks.store.backend_s3 import S3Backend
+    from kloset_blocks.store.backend_sftp import SftpBackend
+
+    location, config = remotes[f"{backend}-golden-plain"]
+    _with_config(monkeypatch, config)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    calls: list[str] = []
+    cls = S3Backend if backend == "s3" else SftpBackend
+    for name in ("read", "read_range", "list"):
+        original = getattr(cls, name)
+
+        def counted(self, key, *a, _original=original, _name=name):  # type: ignore[no-untyped-def]
+            calls.append(f"{_name} {key}")
+            return _original(self, key, *a)
+
+        monkeypatch.setattr(cls, name, counted)
+    with open_store(location, cache_dir=str(tmp_path / "kloset-blocks")) as st:
+        snapshot = st.open_snapshot("bf6afbae")
+        assert st.disk is not None
+        assert warm_snapshot(snapshot, find_pgdata(snapshot), st.disk) > 0
+        view = st.view()
+    calls.clear()
+    monkeypatch.setenv(VIEW_ENV, view)
+    server = server_for(location, "pgdata=true")
+    assert calls == []  # ready: view, metadata and every warm-up span from the command
+    export = server.open("")
+    got = bytearray(min(export.image.size, 8 << 20))
+    server.pread(export, memoryview(got), 0)
+    server.cleanup()
+    server.store.close()
+    monkeypatch.delenv(VIEW_ENV)
+    local = server_for(f"fs:{fixtures_dir / 'golden-plain'}", "pgdata=true")
+    want = bytearray(len(got))
+    local.pread(local.open(""), memoryview(want), 0)
+    assert got == want

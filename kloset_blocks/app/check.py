@@ -117,6 +117,10 @@ def prepare(
         checked = check_snapshot(snapshot, path=path, pgdata=pgdata)
         key = st.codec.key
         view = st.view() if st.remote else None  # the plugin then asks the store for nothing
+        if st.remote and st.disk is not None and backend != "fuse":
+            from kloset_blocks.serving.startup import warm_snapshot
+
+            warm_snapshot(snapshot, checked.root, st.disk)  # on this connection: see warm_snapshot
     backing: Backing
     if backend == "fuse":
         from kloset_blocks.fuse.chain import ExposedImage, expose_argv

@@ -20,7 +20,10 @@
 # once, within WARM_MAX bytes. A small file's chunks are written just before its object, so the
 # same spans (each reaching WARM_LEAD back before its first object) usually hold them too
 # (Packfiles.warm keeps the spans' bytes). Decoding every small file's chunk list to fetch the
-# chunks the spans missed cost more CPU than the round trips it saved (bench/RESULTS.md).
+# chunks the spans missed cost more CPU than the round trips it saved (bench/RESULTS.md). The
+# command that starts nbdkit (app/check.prepare) warms up first, on the connection it has open
+# (warm_snapshot: the same files, so the same spans, kept in the on-disk cache): the plugin then
+# gets ready without a request, and connects after nbdkit's fork, in the background.
 #
 # Invariants:
 # - A hint only: a MAC that is not (or no longer) in the store is skipped; every chunk is fetched
@@ -39,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 from kloset_blocks.errors import KlosetError
 from kloset_blocks.ext4.layout import FILE
 from kloset_blocks.store.codec import RT_OBJECT
-from kloset_blocks.store.snapshot import SnapshotFile
+from kloset_blocks.store.snapshot import Snapshot, SnapshotFile
 
 if TYPE_CHECKING:
     from kloset_blocks.image.block import BlockImage
@@ -164,10 +167,24 @@ def warm_up(image: BlockImage, store: Store, disk: DiskCache | None = None) -> i
     """Fetch the objects of the image's files (smallest files first; from `disk` when it holds them) and
     the packfile bytes around them, within WARM_MAX bytes: see the module comment. Returns the
     bytes of the spans."""
-    by_size = sorted(_files(image).values(), key=lambda f: f.size)
+    return _warm_objects(store, ((f.size, f.entry.object or b"") for f in _files(image).values()), disk)
+
+
+def warm_snapshot(snapshot: Snapshot, root: bytes | str, disk: DiskCache) -> int:
+    """The same warm-up, of the files under `root` the plugin's image will hold, by the command
+    that starts the plugin: it has a connection to the store already, and the plugin then finds
+    every span in the on-disk cache, so that it needs none to get ready (an SSH handshake is five
+    or six round trips). The files are the image's: regular, not empty, one per object."""
+    files = ((e.size, e.object) for _, e in snapshot.walk(root) if e.is_reg and e.size > 0 and e.object)
+    return _warm_objects(snapshot.store, files, disk)
+
+
+def _warm_objects(store: Store, files: Iterable[tuple[int, bytes]], disk: DiskCache | None) -> int:
+    """(size, object MAC) of each file; sorted by both, so that any process warming the same files
+    plans the same spans (the on-disk cache keeps them by name)."""
     objects = []
-    for f in by_size:
-        found = store.index.locations(RT_OBJECT, f.entry.object)  # type: ignore[arg-type]
+    for _, mac in sorted(set(files)):
+        found = store.index.locations(RT_OBJECT, mac)
         if found:
             objects.append(found[0])
     # Each span reaches back a little before its first object: that file's chunks lie there. The
