@@ -13,14 +13,17 @@
 # A ranged read is its 32 KiB pieces (the size every server must accept), sent at once. Packfile
 # handles are opened once and kept (bounded, never closed while a thread uses one); a whole small
 # object is an OPEN and a STAT sent together, then its reads: two round trips. The check that the
-# store directory exists is sent at connect and its answer taken with the first call's.
+# store directory exists is sent at connect and its answer taken with the first call's. Nothing
+# connects before the first call, or before connect_in_background() (nbdkit, after its fork).
 # paramiko provides the SSH connection (keys, agent, known_hosts, ciphers); the SFTP requests used
 # here (version 3: OPEN, READ, STAT, OPENDIR, READDIR, CLOSE) are framed here, with paramiko's
-# constants and attribute decoder, so that a reply can be bounded before it is read (the server is
-# untrusted: a reply over MAX_REPLY, a DATA longer than asked, a truncated field are errors).
+# constants, so that a reply can be bounded before it is read and every field checked (the server
+# is untrusted: a reply over MAX_REPLY, a DATA longer than asked, a truncated field are errors;
+# tests/test_sftp_pipe.py plays such a server).
 #
 # Invariants:
-# - Read-only: files are opened "rb"; no request here changes the remote directory.
+# - Read-only: files are opened with SFTP_FLAG_READ alone; no request here changes the remote
+#   directory.
 # - Every request has a deadline (the channel timeout, `timeout` s) and bounded retries with
 #   backoff (options.retry); a broken connection is re-established once per failure. Errors are one
 #   StoreError line (host key, authentication, connection); a missing file is FileNotFoundError.
