@@ -6,6 +6,7 @@ and exit 1."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -524,3 +525,66 @@ def test_the_commands_warm_up_leaves_the_plugin_nothing_to_fetch_to_get_ready(
     want = bytearray(len(got))
     local.pread(local.open(""), memoryview(want), 0)
     assert got == want
+
+
+def _descendants(pid: int) -> list[int]:
+    parents: dict[int, int] = {}
+    for stat_file in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat_file.read_text().rsplit(")", 1)[1].split()
+            parents[int(stat_file.parent.name)] = int(fields[1])
+    out, todo = [], [pid]
+    while todo:
+        children = [p for p, parent in parents.items() if parent == todo[-1]]
+        todo.pop()
+        out += children
+        todo += children
+    return out
+
+
+def test_sftp_reconnects_after_the_server_drops_the_channel_or_the_connection(
+    fixtures_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The shared channel's server process killed (sftp-server), then the connection's (sshd's
+    process for it): the next read opens a new channel, then connects again, and returns the
+    packfile's bytes each time; with the server gone, a read is one StoreError line, in bounded
+    time."""
+    import signal
+
+    from kloset_blocks.store.backend import open_backend
+    from kloset_blocks.store.location import parse_location
+    from tests.remote_servers import sshd_server
+
+    with sshd_server(tmp_path / "srv", count_requests=True) as ssh:
+        shutil.copytree(fixtures_dir / "golden-plain", tmp_path / "store")
+        _with_config(monkeypatch, ssh.config(tmp_path / "sftp.conf", timeout="3", retries="2"))
+        backend = open_backend(parse_location(ssh.location(tmp_path / "store")))
+        key = backend.list("packfiles/")[0]
+        want = (tmp_path / "store" / key).read_bytes()[100:300100]
+        listener = int((ssh.dir / "sshd.pid").read_text())
+        assert ssh.sftp_log is not None
+
+        def sessions() -> int:
+            return ssh.sftp_log.read_text().count("session opened")
+
+        assert backend.read_range(key, 100, 300000) == want and sessions() == 1
+        for pid in _descendants(listener):
+            with contextlib.suppress(OSError):
+                if b"sftp-server" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    os.kill(pid, signal.SIGKILL)
+        assert backend.read_range(key, 100, 300000) == want and sessions() == 2
+        for pid in _descendants(listener):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)  # every process of the connection: it is gone
+        assert backend.read_range(key, 100, 300000) == want and sessions() == 3
+        last = _descendants(listener)  # the third connection's: they outlive the listener
+    for pid in last:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+    started = time.monotonic()
+    with pytest.raises(
+        StoreError, match=r"^cannot read sftp://.*: .*\(after 3 attempts\)$|^sftp .*cannot connect"
+    ):
+        backend.read_range(key, 100, 300000)
+    assert time.monotonic() - started < 30
+    backend.close()
