@@ -117,30 +117,24 @@ def test_psql_wrong_key_one_line_right_key_answers(
     env = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
     location = s3_auth.location("auth", "plain")
     query = psql_args([("shop", q) for q in GOLDEN_QUERIES])
-    wrong = cli(
-        run_root,
-        "psql",
-        location,
-        GOLDEN_B[:8],
-        "--store-config",
-        str(configs["wrong secret"]),
-        "--",
-        *query,
-        env=env,
-    )
+
+    def psql_with(config: str) -> subprocess.CompletedProcess[str]:
+        return cli(
+            run_root,
+            "psql",
+            location,
+            GOLDEN_B[:8],
+            "--store-config",
+            str(configs[config]),
+            "--",
+            *query,
+            env=env,
+        )
+
+    wrong = psql_with("wrong secret")
     _one_line_failure(wrong, f"SignatureDoesNotMatch {AUTH_HINT}")
     assert not list(run_root.iterdir())
-    right = cli(
-        run_root,
-        "psql",
-        location,
-        GOLDEN_B[:8],
-        "--store-config",
-        str(configs["right"]),
-        "--",
-        *query,
-        env=env,
-    )
+    right = psql_with("right")
     assert right.returncode == 0, right.stderr
     assert right.stdout.splitlines() == GOLDEN_ANSWERS[GOLDEN_B]
     assert not list(run_root.iterdir())

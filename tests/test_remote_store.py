@@ -317,6 +317,21 @@ def test_moto_ranged_gets_equal_the_object(s3: S3Server) -> None:
     assert past_the_end.value.code == "InvalidRange"
 
 
+def _counted_calls(monkeypatch: pytest.MonkeyPatch, backend_class: type) -> list[str]:
+    """Every read, read_range and list call on `backend_class`'s backends, as "NAME KEY" (appended
+    to the list returned as they happen)."""
+    calls: list[str] = []
+    for name in ("read", "read_range", "list"):
+        original = getattr(backend_class, name)
+
+        def counted(self, key, *a, _original=original, _name=name):  # type: ignore[no-untyped-def]
+            calls.append(f"{_name} {key}")
+            return _original(self, key, *a)
+
+        monkeypatch.setattr(backend_class, name, counted)
+    return calls
+
+
 def test_plugin_start_over_s3_warm_reads_only_config_and_the_state_list(
     remotes: dict[str, tuple[str, Path]], fixtures_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -330,15 +345,7 @@ def test_plugin_start_over_s3_warm_reads_only_config_and_the_state_list(
     location, config = remotes["s3-golden-plain"]
     _with_config(monkeypatch, config)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    calls: list[str] = []
-    for name in ("read", "read_range", "list"):
-        original = getattr(S3Backend, name)
-
-        def counted(self, key, *a, _original=original, _name=name):  # type: ignore[no-untyped-def]
-            calls.append(f"{_name} {key}")
-            return _original(self, key, *a)
-
-        monkeypatch.setattr(S3Backend, name, counted)
+    calls = _counted_calls(monkeypatch, S3Backend)
 
     def start(store: str) -> tuple[Server, bytes]:
         server = server_for(store, "pgdata=true")
@@ -496,16 +503,7 @@ def test_the_commands_warm_up_leaves_the_plugin_nothing_to_fetch_to_get_ready(
     location, config = remotes[f"{backend}-golden-plain"]
     _with_config(monkeypatch, config)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    calls: list[str] = []
-    cls = S3Backend if backend == "s3" else SftpBackend
-    for name in ("read", "read_range", "list"):
-        original = getattr(cls, name)
-
-        def counted(self, key, *a, _original=original, _name=name):  # type: ignore[no-untyped-def]
-            calls.append(f"{_name} {key}")
-            return _original(self, key, *a)
-
-        monkeypatch.setattr(cls, name, counted)
+    calls = _counted_calls(monkeypatch, S3Backend if backend == "s3" else SftpBackend)
     with open_store(location, cache_dir=str(tmp_path / "kloset-blocks")) as st:
         snapshot = st.open_snapshot("bf6afbae")
         assert st.disk is not None
@@ -535,8 +533,8 @@ def _descendants(pid: int) -> list[int]:
             parents[int(stat_file.parent.name)] = int(fields[1])
     out, todo = [], [pid]
     while todo:
-        children = [p for p, parent in parents.items() if parent == todo[-1]]
-        todo.pop()
+        below = todo.pop()
+        children = [p for p, parent in parents.items() if parent == below]
         out += children
         todo += children
     return out

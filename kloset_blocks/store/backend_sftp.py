@@ -260,7 +260,6 @@ class _Pipe:
     def open(cls, transport: paramiko.Transport, timeout: float) -> _Pipe:
         chan = transport.open_session(window_size=WINDOW, max_packet_size=DEFAULT_MAX_PACKET_SIZE)
         try:
-            chan.settimeout(timeout)
             chan.invoke_subsystem("sftp")
             return cls.start(chan, timeout)
         except BaseException:
@@ -477,6 +476,8 @@ class SftpBackend:
         self.root = loc.path
         self._lock = threading.Lock()
         self._closed = False
+        # A connect's bound: the TCP connect's, then the handshake's and the channel's (`timeout` each).
+        self._connect_deadline = CONNECT_DEADLINE + 2 * self.timeout
         self._client: paramiko.SSHClient | None = None
         self._pid = os.getpid()
         self._forsaken: list[paramiko.SSHClient] = []
@@ -547,14 +548,13 @@ class SftpBackend:
         if connecting is None or self._pid != os.getpid():
             return
         try:
-            connecting.result(CONNECT_DEADLINE + 2 * self.timeout)
+            connecting.result(self._connect_deadline)
         except StoreError as e:
-            self._connecting = None
             raise StoreError(str(e)) from None
         except BaseException as e:
-            self._connecting = None
             raise StoreError(f"sftp {self.location.display}: cannot connect: {_describe(e)}") from None
-        self._connecting = None
+        finally:
+            self._connecting = None
 
     def _open_pipe(self) -> None:
         """Open the channel, connecting first when the connection is gone (under _lock)."""
@@ -668,7 +668,7 @@ class SftpBackend:
         connecting = self._connecting
         if connecting is not None and self._pid == os.getpid():
             with contextlib.suppress(BaseException):  # its connection is closed below
-                connecting.result(CONNECT_DEADLINE + 2 * self.timeout)
+                connecting.result(self._connect_deadline)
         with self._lock:
             self._closed = True
             pipe, self._pipe = self._pipe, None
