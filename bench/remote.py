@@ -20,6 +20,10 @@
 # - cold: `kloset-blocks psql LOC SNAP1 -- -c SQL` with an empty on-disk cache (XDG_CACHE_HOME
 #   fresh); time from exec to the first line of psql's output (whole process).
 # - warm: the same again, the on-disk cache kept.  next: the second snapshot, the cache kept.
+# - landed: `psql LOC latest`, the cache kept, but the store's last view (store/view.py) without
+#   the newest snapshot's state, as if the last start had run before that backup landed: the
+#   start from the view is found stale and the command starts again (the newest is answered).
+#   landed-id: the same with SNAP1 named: the new state only adds, SNAP1 is served as it was.
 # - query-cold / query-warm: `kloset-blocks query LOC SQL --format json` over all five snapshots,
 #   with a fresh on-disk cache, then again with it kept; time of the whole process.
 # - restore: `kloset-blocks restore LOC SNAP1 DIR` (a fresh cache), chown, Postgres start, SQL.
@@ -71,7 +75,7 @@ CHANGES = [
 ]
 SNAPSHOTS = len(CHANGES) + 1
 NETS = ["wan", "lo", "direct"]
-VARIANTS = ["cold", "warm", "next", "query-cold", "query-warm", "restore"]
+VARIANTS = ["cold", "warm", "next", "landed", "landed-id", "query-cold", "query-warm", "restore"]
 MANIFEST = "bench.json"
 # Disk per unit of pgbench scale (at scale 100: a snapshot of 16.7 MiB per unit, the five in a store
 # of 7.1 MiB per unit). Building holds the cluster, one tar and the store at most; measuring adds a
@@ -172,6 +176,20 @@ def psql(location: str, snap: str, env: dict[str, str], want: str) -> dict[str, 
     return {"seconds": round(seconds, 3), "fetched": fetched[-1] if fetched else ""}
 
 
+def landed(location: str, s: Setup, env: dict[str, str], snap: str, want: str) -> dict[str, object]:
+    """psql on `snap` after the newest backup's state is taken out of the last view kept."""
+    from kloset_blocks.store.location import parse_location
+    from kloset_blocks.store.view import make_view, parse_view, view_path
+
+    display = parse_location(location).display
+    path = view_path(str(Path(env["XDG_CACHE_HOME"]) / "kloset-blocks"), display)
+    seen = parse_view(path.read_text(), display)
+    assert seen is not None, f"no last view at {path}"
+    raw, listed = seen
+    path.write_text(make_view(display, raw, [(i, k) for i, k in listed if i.hex() != s.ids[-1]]))
+    return psql(location, snap, env, want)
+
+
 def query(location: str, s: Setup, env: dict[str, str]) -> dict[str, object]:
     t0 = time.monotonic()
     proc = cli("query", location, SQL, "--db", "shop", "--format", "json", "-q", env=env)
@@ -255,6 +273,8 @@ def one_round(targets: list[Target], s: Setup, work: Path, variants: list[str]) 
             "cold": lambda: psql(loc, s.ids[0], env["psql"], want0),  # noqa: B023
             "warm": lambda: psql(loc, s.ids[0], env["psql"], want0),  # noqa: B023
             "next": lambda: psql(loc, s.ids[1], env["psql"], want1),  # noqa: B023
+            "landed": lambda: landed(loc, s, env["psql"], "latest", s.answers[-1]),  # noqa: B023
+            "landed-id": lambda: landed(loc, s, env["psql"], s.ids[0], want0),  # noqa: B023
             "query-cold": lambda: query(loc, s, env["query"]),  # noqa: B023
             "query-warm": lambda: query(loc, s, env["query"]),  # noqa: B023
             "restore": lambda: restore(loc, s.ids[0], env["restore"], work, want0),  # noqa: B023

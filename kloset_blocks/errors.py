@@ -52,3 +52,12 @@ class LayoutError(KlosetError):
 
 class PgError(KlosetError):
     """PostgreSQL could not be found, started, stopped or queried."""
+
+
+class StaleView(KlosetError):
+    """A start from the last view of a remote store found, once checked, that the store had changed
+    since: the command starts again on what it holds now (app/check.py), `view` (Store.view())."""
+
+    def __init__(self, message: str, view: str | None = None) -> None:
+        super().__init__(message)
+        self.view = view

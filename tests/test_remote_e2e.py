@@ -72,3 +72,33 @@ def test_psql_over_sftp_encrypted_through_delay(
     assert res.stdout.splitlines() == GOLDEN_ANSWERS[GOLDEN_A]
     assert sorted((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in remote.rglob("*")) == before
     assert not list(run_root.iterdir())
+
+
+def test_psql_answers_from_what_the_store_holds_when_it_changed_since_the_last_start(
+    s3: S3Server, fixtures_dir: Path, run_root: Path, tmp_path: Path
+) -> None:
+    """A start from the store's last view (no round trip before the chain starts) answers only once
+    the store is checked: when B's backup landed since, `latest` is B, and the command starts again."""
+    b_state = next(p for p in (fixtures_dir / "golden-plain" / "states").rglob(f"{GOLDEN_B}*"))
+    before = tmp_path / "before"
+    shutil.copytree(fixtures_dir / "golden-plain", before)
+    (before / b_state.relative_to(fixtures_dir / "golden-plain")).unlink()
+    s3.put_tree(before, "e2e-stale", "p")
+    config = s3.config(tmp_path / "s3.conf")
+    args = ["psql", s3.location("e2e-stale", "p"), "latest", "--store-config", str(config), "--"]
+    query = psql_args([("shop", q) for q in GOLDEN_QUERIES])
+    env = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
+    first = cli(run_root, *args, *query, env=env)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.splitlines() == GOLDEN_ANSWERS[GOLDEN_A]
+    s3.client().fput_object(
+        "e2e-stale", f"p/{b_state.relative_to(fixtures_dir / 'golden-plain')}", str(b_state)
+    )
+    second = cli(run_root, *args, *query, env=env)
+    assert second.returncode == 0, second.stderr
+    assert second.stdout.splitlines() == GOLDEN_ANSWERS[GOLDEN_B]
+    assert "the store changed since its last view" in second.stderr
+    third = cli(run_root, *args, *query, env=env)
+    assert third.stdout.splitlines() == GOLDEN_ANSWERS[GOLDEN_B]
+    assert "changed" not in third.stderr
+    assert not list(run_root.iterdir())

@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -586,3 +587,92 @@ def test_sftp_reconnects_after_the_server_drops_the_channel_or_the_connection(
         backend.read_range(key, 100, 300000)
     assert time.monotonic() - started < 30
     backend.close()
+
+
+def test_a_packfiles_header_is_read_in_flight_with_its_first_blob_and_still_checked(
+    s3: S3Server,
+    remotes: dict[str, tuple[str, Path]],
+    fixtures_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The first read of a blob far from its packfile's start sends the header's request and the
+    blob's together (the header's is held here until the blob's has been sent: one after the other,
+    this read would wait out the hold); the header is checked all the same."""
+    from kloset_blocks.errors import CorruptionError
+    from kloset_blocks.store import codec as c
+    from kloset_blocks.store.backend_s3 import S3Backend
+    from kloset_blocks.store.packfile import MAX_GAP, Packfiles
+
+    location, config = remotes["s3-golden-plain"]
+    _with_config(monkeypatch, config)
+    local = open_store(str(fixtures_dir / "golden-plain"))
+    loc = next(
+        loc for _, _, loc in local.index.blobs_of_types(frozenset({c.RT_CHUNK})) if loc.offset > 2 * MAX_GAP
+    )
+    blob_sent = threading.Event()
+    waited: list[bool] = []
+    read_range = S3Backend.read_range
+
+    def held(self: S3Backend, key: str, offset: int, length: int) -> bytes:
+        if (offset, length) == (0, c.HEADER_SIZE):
+            waited.append(blob_sent.wait(10))
+        else:
+            blob_sent.set()
+        return read_range(self, key, offset, length)
+
+    monkeypatch.setattr(S3Backend, "read_range", held)
+    with open_store(location) as remote:
+        fresh = Packfiles(remote.backend, remote.codec, remote.index)  # no header checked yet
+        waited.clear()  # (the store's open read headers of its own)
+        blob_sent.clear()
+        assert fresh.pread(loc) == local.packfiles.pread(loc)
+    assert waited == [True]
+    # The same read of a packfile whose magic is damaged is an error, not the blob's bytes.
+    damaged = tmp_path / "damaged"
+    shutil.copytree(fixtures_dir / "golden-plain", damaged)
+    path = damaged / Packfiles.key(loc.packfile)
+    path.write_bytes(b"X" + path.read_bytes()[1:])
+    s3.put_tree(damaged, "fixtures", "damaged-magic")
+    blob_sent.clear()
+    with open_store(s3.location("fixtures", "damaged-magic")) as remote:
+        fresh = Packfiles(remote.backend, remote.codec, remote.index)
+        with pytest.raises(CorruptionError, match="bad magic"):
+            fresh.pread(loc)
+    local.close()
+
+
+def test_a_closed_sftp_backends_connection_serves_the_next_one_on_the_same_store(
+    ssh: SshServer, fixtures_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A command that opens the store again (prepare starting over) pays no second SSH handshake:
+    connections counted by a proxy in front of sshd; other options, or a wait past IDLE_FOR, connect."""
+    from kloset_blocks.store import backend_sftp
+    from kloset_blocks.store.backend import open_backend
+    from kloset_blocks.store.location import parse_location
+    from tests.remote_servers import delay_proxy
+
+    remote = tmp_path / "remote"
+    shutil.copytree(fixtures_dir / "golden-plain", remote)
+    with delay_proxy(ssh.port, tmp_path, delay_ms=0, rate_mbit=0) as proxy:
+        known = str(ssh.known_hosts_for(proxy.port))
+        loc = parse_location(ssh.location(remote, port=proxy.port))
+
+        def read_config(**extra: str) -> bytes:
+            monkeypatch.setenv(CONFIG_ENV, str(ssh.config(tmp_path / "c.conf", known_hosts=known, **extra)))
+            backend = open_backend(loc)
+            try:
+                return backend.read("CONFIG")
+            finally:
+                backend.close()
+
+        probed = proxy.stats()["connections"]  # the proxy's readiness probe
+        first = read_config()
+        assert read_config() == first
+        assert proxy.stats()["connections"] - probed == 1
+        assert read_config(timeout="29") == first  # other options: a connection of its own
+        assert proxy.stats()["connections"] - probed == 2
+        monkeypatch.setattr(backend_sftp, "IDLE_FOR", 0.0)
+        assert read_config(timeout="29") == first  # kept too long: connect again
+        assert proxy.stats()["connections"] - probed == 3
+    assert first == (remote / "CONFIG").read_bytes()

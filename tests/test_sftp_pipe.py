@@ -249,3 +249,20 @@ def test_short_reads_ask_for_the_rest_of_each_piece() -> None:
             _read(pipe, "/s/big", 12345, backend_sftp.READ_PIECE * 3 + 7)
             == FILES["/s/big"][12345:][: backend_sftp.READ_PIECE * 3 + 7]
         )
+
+
+def test_files_opened_ahead_are_read_with_no_open_of_their_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    many = {f"/s/f{i}": bytes([i]) * 10 for i in range(HANDLES)}
+    monkeypatch.setattr("tests.test_sftp_pipe.FILES", {**FILES, **many})
+    with pipe_to() as (pipe, server):
+        pipe.open_ahead(["/s/small", "/s/big", "/s/absent", "/s/small"])
+        pipe.wait(pipe.stat("/s/small"))  # the OPENs sent before are answered by now
+        assert server.opened == ["/s/small", "/s/big"]  # once each, the absent one refused
+        assert _read(pipe, "/s/big", 5, 100) == FILES["/s/big"][5:105]
+        assert _read(pipe, "/s/small", 0, 10) == FILES["/s/small"][:10]
+        assert server.opened == ["/s/small", "/s/big"]  # the reads sent no OPEN of their own
+        with pytest.raises(FileNotFoundError):
+            _read(pipe, "/s/absent", 0, 1)
+        pipe.open_ahead(list(many))  # at most half the handle cache, so that reads keep theirs
+        pipe.wait(pipe.stat("/s/small"))
+        assert len(server.opened) == HANDLES // 2

@@ -8,7 +8,13 @@
 # that check, the one used by psql, pg, mount and query alike. Only then is the backing built (an
 # nbdkit command, or the FUSE image file), naming the snapshot by its full id, so that it serves
 # exactly what was checked, even for `latest`. A prompt for the passphrase happens here, on the
-# terminal, since nbdkit's stdin is /dev/null.
+# terminal, since nbdkit's stdin is /dev/null. A remote snapshot is warmed up here as soon as its
+# root is known (before its PG_VERSION is read: that read then lies in a warm span).
+#
+# From the last view (prepare(from_last_view=True): psql, pg start, mount): a remote store is
+# opened from the CONFIG and state list the last such command read (store/view.py), so that
+# a warm start waits for no round trip, and a Confirmation reads both again in a thread; the
+# session waits for it before it answers (Served.confirmed) and starts again when they changed.
 #
 # Invariants: no secret in argv; the key derived here is handed to the one child that reads the
 # store (nbdkit, or `expose`) in its environment, and the passphrase to nobody. No
@@ -17,13 +23,17 @@
 # from the store" line (the REPORT step registered here).
 from __future__ import annotations
 
+import functools
 import json
 import os
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
 from kloset_blocks import postgres
-from kloset_blocks.errors import NotFound, UsageError
+from kloset_blocks.errors import KlosetError, NotFound, StaleView, UsageError
 from kloset_blocks.host.backing import RUN_DIR_TOKEN, Backing, NbdkitBacking
 from kloset_blocks.host.progress import Progress
 from kloset_blocks.host.teardown import REPORT, Teardown, register_teardown
@@ -31,6 +41,8 @@ from kloset_blocks.pgdata import find_pgdata
 from kloset_blocks.pgmanifest import snapshot_major
 from kloset_blocks.serving.nbdkit import STATS_FILE, nbdkit_argv
 from kloset_blocks.store import Snapshot, Store, cache_dir_for, open_store, passphrase_source
+from kloset_blocks.store.location import parse_location
+from kloset_blocks.store.view import load_view, save_view
 
 
 @dataclass(frozen=True)
@@ -51,6 +63,14 @@ class Served:
     logical_size: int = 0  # the snapshot's bytes, for the "fetched ... of ..." line
     root: str = "/"
     pg_major: str | None = None
+    confirmation: Confirmation | None = None  # prepare(from_last_view=True)'s
+
+    def confirmed(self, block: bool = True) -> None:
+        """Returns once the store is known to hold what is served (at once, unless it was opened
+        from its last view, or without `block`); StaleView when it does not, or without `block`
+        when that is known already: tear down and prepare again."""
+        if self.confirmation is not None:
+            self.confirmation.wait(block)
 
     def state(self) -> dict[str, Any]:
         """What the chain records for its teardown's fetch report (an nbdkit backing only)."""
@@ -78,11 +98,21 @@ def open_checked_store(
     )
 
 
-def check_snapshot(snapshot: Snapshot, *, path: str | None = None, pgdata: bool = False) -> Checked:
-    """The served root (must be a directory) and, for a data directory, its checked major version."""
+def check_snapshot(
+    snapshot: Snapshot,
+    *,
+    path: str | None = None,
+    pgdata: bool = False,
+    found: Callable[[str], object] | None = None,
+) -> Checked:
+    """The served root (must be a directory) and, for a data directory, its checked major version.
+    `found` is called with the root before a file is read (prepare's warm-up: those reads then
+    lie in its spans, no round trip of their own)."""
     short = snapshot.info.short_id
     if pgdata:
         root = find_pgdata(snapshot)  # NotFound: "snapshot X is not a PostgreSQL data directory"
+        if found is not None:
+            found(os.fsdecode(root))
         major = snapshot_major(snapshot, root)  # plakar's manifest.json, then PG_VERSION
         postgres.server_bindir(major)  # not installed: "apt-get install postgresql-N ..."
         return Checked(os.fsdecode(root), major)
@@ -93,6 +123,8 @@ def check_snapshot(snapshot: Snapshot, *, path: str | None = None, pgdata: bool 
         raise NotFound(f"no directory {os.fsdecode(root_b)} in snapshot {short}") from None
     if not is_dir:
         raise UsageError(f"{os.fsdecode(root_b)} is not a directory in snapshot {short}")
+    if found is not None:
+        found(os.fsdecode(root_b))
     return Checked(os.fsdecode(root_b), None)
 
 
@@ -107,28 +139,92 @@ def prepare(
     progress: Progress | None = None,
     backend: str = "nbd",
     journal: bool = False,
+    from_last_view: bool = False,
+    fresh_view: str | None = None,
 ) -> Served:
     """Open the store and check the snapshot in-process; then the backing that serves it: nbdkit
-    (backend "nbd") or the image file `expose` makes (backend "fuse")."""
+    (backend "nbd") or the image file `expose` makes (backend "fuse").
+
+    With `from_last_view`, a remote store is opened from the view the last command saved (no round
+    trip: store/view.py) and checked against the store in the background: the caller must call
+    Served.confirmed() before it answers anything, and start again (from_last_view off) when that
+    raises StaleView (whose `view` is the store's now: pass it as `fresh_view`, which saves the
+    listing's round trips). Any error met on the way from the last view is taken again from the
+    store itself (the view may be what is out of date); the passphrase is asked for once either
+    way."""
     progress = progress or Progress(quiet=True)
-    with progress.phase("open"), open_checked_store(store, passphrase_file, cache_chunks=True) as st:
+    spec = f"+{passphrase_file}" if passphrase_file else None
+    passphrase = functools.cache(passphrase_source(spec, store))  # asked for once, if encrypted
+    cache_dir = cache_dir_for(store)
+    serve = functools.partial(
+        _serve,
+        snap=snap,
+        path=path,
+        pgdata=pgdata,
+        owner=owner,
+        backend=backend,
+        journal=journal,
+        location=store,
+    )
+    with progress.phase("open"):
+        view = load_view(cache_dir, parse_location(store).display) if from_last_view and cache_dir else None
+        if view is not None and cache_dir is not None:
+            try:
+                st = open_store(store, passphrase, cache_dir=cache_dir, view=view)
+                served = serve(st, Confirmation(st, snap, cache_dir))
+                if st.packfiles.preads:  # it had to ask the store anyway: the check is nearly done
+                    served.confirmed()
+                return served
+            except StaleView as e:
+                fresh_view = e.view  # nothing started: again, on the store as the check read it
+            except KlosetError:
+                pass  # said again, or not, by the store itself below
+        st = open_store(store, passphrase, cache_dir=cache_dir, view=fresh_view)  # saves a view it reads
+        if fresh_view is not None and cache_dir is not None:
+            save_view(cache_dir, st.location, fresh_view)  # the store's now: the next start's
+        return serve(st, None)
+
+
+def _serve(
+    st: Store,
+    confirmation: Confirmation | None,
+    *,
+    snap: str,
+    path: str | None,
+    pgdata: bool,
+    owner: str | None,
+    backend: str,
+    journal: bool,
+    location: str,
+) -> Served:
+    """prepare() on the opened store; the store is closed at the end (by the confirmation's last
+    holder, when there is one)."""
+    try:
         snapshot = st.open_snapshot(snap)
         info = snapshot.info
-        checked = check_snapshot(snapshot, path=path, pgdata=pgdata)
-        key = st.codec.key
-        view = st.view() if st.remote else None  # the plugin then asks the store for nothing
+        warm = None
         if st.remote and st.disk is not None and backend != "fuse":
             from kloset_blocks.serving.startup import warm_snapshot
 
-            warm_snapshot(snapshot, checked.root, st.disk)  # on this connection: see warm_snapshot
+            warm = functools.partial(warm_snapshot, snapshot, disk=st.disk)  # on this connection
+        checked = check_snapshot(snapshot, path=path, pgdata=pgdata, found=warm)
+        key = st.codec.key
+        view = st.view() if st.remote else None  # the plugin then asks the store for nothing
+    finally:
+        if confirmation is None:
+            st.close()
+        else:
+            confirmation.release()
     backing: Backing
     if backend == "fuse":
         from kloset_blocks.fuse.chain import ExposedImage, expose_argv
 
-        backing = ExposedImage(expose_argv(store, info.hex_id, None if pgdata else path, owner, journal), key)
+        backing = ExposedImage(
+            expose_argv(location, info.hex_id, None if pgdata else path, owner, journal), key
+        )
     else:
         argv, env = nbdkit_argv(
-            store,
+            location,
             info.hex_id,
             path=None if pgdata else path,
             owner=owner,
@@ -139,7 +235,54 @@ def prepare(
             view=view,
         )
         backing = NbdkitBacking(argv, env)
-    return Served(backing, info.hex_id, info.size, checked.root, checked.pg_major)
+    return Served(backing, info.hex_id, info.size, checked.root, checked.pg_major, confirmation)
+
+
+class Confirmation:
+    """The check that a store opened from its last view still serves what the view said for the
+    snapshot named `snap` (Store.changes: the same CONFIG and states, or states that only add
+    blobs and other snapshots), made in a thread while the command starts. It owns the store
+    and closes it when done; wait() returns once the store agrees, raises StaleView when it does
+    not and StoreError when it cannot be read (every request has its deadline: it ends)."""
+
+    def __init__(self, store: Store, snap: str, cache_dir: str) -> None:
+        self._store = store
+        self._snap = snap
+        self._cache_dir = cache_dir
+        self._holders = 2  # the check's thread and prepare(), which is still reading it
+        self._lock = threading.Lock()
+        self._outcome: Future[str | None] = Future()  # None: agreed; else the view now ("": none)
+        threading.Thread(target=self._check, name="kloset-confirm", daemon=True).start()
+
+    def _check(self) -> None:
+        try:
+            now, same = self._store.changes(self._snap)
+            if now and same:  # only additions, none of them this snapshot's business
+                save_view(self._cache_dir, self._store.location, now)  # the next start's
+            self._outcome.set_result(None if same else now)
+        except BaseException as e:
+            self._outcome.set_exception(e)
+        finally:
+            self.release()
+
+    def release(self) -> None:
+        """One holder is done with the store; the last one closes it."""
+        with self._lock:
+            self._holders -= 1
+            last = self._holders == 0
+        if last:
+            self._store.close()
+
+    def wait(self, block: bool = True) -> None:
+        """Returns once the store agrees (at once without `block`, unless the check has found it
+        changed already)."""
+        if not block and not self._outcome.done():
+            return
+        now = self._outcome.result()
+        if now is not None:
+            raise StaleView(
+                "the store changed since its last view: starting again on what it holds now", now or None
+            )
 
 
 def _report_fetched(t: Teardown) -> None:

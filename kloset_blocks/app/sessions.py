@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,10 @@ from kloset_blocks.host.space import full_message
 from kloset_blocks.host.tools import exit_cause
 
 
+def _confirmed(block: bool = True) -> None:
+    """What was served is what the store holds (a backing from prepare() without its last view)."""
+
+
 def mount_session(
     backing: Backing,
     mountpoint: Path | str,
@@ -39,12 +43,21 @@ def mount_session(
     progress: Progress | None = None,
     run_root: Path | str | None = None,
     state: Mapping[str, Any] | None = None,
+    confirm: Callable[..., None] = _confirmed,
 ) -> Chain:
-    """Bring the chain up on a user's mountpoint and leave it running."""
+    """Bring the chain up on a user's mountpoint and leave it running (once `confirm` returns:
+    Served.confirmed)."""
     with signals_unwind():
-        return Chain(
+        chain = Chain(
             backing, mountpoint=mountpoint, overlay=overlay, progress=progress, run_root=run_root, state=state
-        ).up()
+        )
+        try:
+            chain.up()
+            confirm()
+        except BaseException:
+            chain.teardown()
+            raise
+        return chain
 
 
 def pg_session(
@@ -57,11 +70,13 @@ def pg_session(
     settings: Sequence[str] = (),
     state: Mapping[str, Any] | None = None,
     started: list[Chain] | None = None,
+    confirm: Callable[..., None] = _confirmed,
 ) -> tuple[Chain, postgres.Server]:
-    """Chain + Postgres on its data directory, ready for queries. On any failure (or signal) before
-    it is ready, everything started is torn down and the error propagates. The chain is appended
-    to `started` before anything starts, so a caller can tear it down whatever instant a signal
-    lands at, the return included."""
+    """Chain + Postgres on its data directory, ready for queries once `confirm` returns too
+    (Served.confirmed: it may still be checking the store while Postgres starts). On any failure
+    (or signal) before it is ready, everything started is torn down and the error propagates. The
+    chain is appended to `started` before anything starts, so a caller can tear it down whatever
+    instant a signal lands at, the return included."""
     progress = progress or Progress(quiet=True)
     t0 = time.monotonic()
     with signals_unwind():
@@ -71,10 +86,10 @@ def pg_session(
         try:
             chain.up()
             assert chain.mountpoint is not None and chain.run is not None
+            confirm(block=False)  # a store found changed already: Postgres need not start
             server = postgres.start_server(
                 chain.run, chain.mountpoint, read_only=read_only, progress=progress, settings=settings
             )
-            progress.done("ready", time.monotonic() - t0)
         except BaseException as e:
             # Postgres' last line blames the wrong thing when the store could not be read.
             damage = session_damage(_run_path(chain), state) if isinstance(e, Exception) else None
@@ -82,6 +97,12 @@ def pg_session(
             if damage is not None:
                 raise damage from None
             raise
+        try:
+            confirm()
+        except BaseException:
+            chain.teardown()
+            raise
+        progress.done("ready", time.monotonic() - t0)
     return chain, server
 
 
@@ -94,6 +115,7 @@ def psql_session(
     progress: Progress | None = None,
     run_root: Path | str | None = None,
     state: Mapping[str, Any] | None = None,
+    confirm: Callable[..., None] = _confirmed,
 ) -> int:
     """pg_session, then psql with the user's arguments on the terminal, then teardown.
 
@@ -111,6 +133,7 @@ def psql_session(
                 run_root=run_root,
                 state=state,
                 started=started,
+                confirm=confirm,
             )
             with sigint_ignored():
                 rc = server.psql(psql_args)

@@ -1,12 +1,16 @@
 # `mount`, `pg start`, `pg stop`, `psql`, `down`: argument parsing over kloset_blocks.app.sessions.
 #
 # app.check.prepare opens the store and checks the snapshot in-process first (looked up at call time:
-# tests swap it for a stand-in), so a user's mistakes cost one line and start nothing.
+# tests swap it for a stand-in), so a user's mistakes cost one line and start nothing. A remote
+# store is opened from its last view (store/view.py) while a thread checks that it still holds
+# the same; the session waits for that check before it answers (psql runs, `ready` is said) and,
+# when the store had changed, tears down and starts again (_session).
 from __future__ import annotations
 
 import argparse
 import os
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
 
 from kloset_blocks import postgres
 from kloset_blocks.app.sessions import mount_session, pg_session, psql_session, stop_sessions
@@ -14,8 +18,11 @@ from kloset_blocks.app.teardown import teardown_all
 
 if TYPE_CHECKING:
     from kloset_blocks.app.check import Served
-from kloset_blocks.errors import UsageError
+    from kloset_blocks.host.chain import Chain
+from kloset_blocks.errors import StaleView, UsageError
 from kloset_blocks.host.progress import Progress
+
+T = TypeVar("T")
 
 
 def require_root() -> None:
@@ -23,7 +30,15 @@ def require_root() -> None:
         raise UsageError("must run as root (mount, losetup and the FUSE export need it)")
 
 
-def _served(args: argparse.Namespace, progress: Progress, *, pgdata: bool, backend: str = "nbd") -> Served:
+def _served(
+    args: argparse.Namespace,
+    progress: Progress,
+    *,
+    pgdata: bool,
+    backend: str = "nbd",
+    from_last_view: bool = False,
+    fresh_view: str | None = None,
+) -> Served:
     """check.prepare for the command's arguments (looked up at call time: tests swap it)."""
     from kloset_blocks.app import check
 
@@ -38,16 +53,47 @@ def _served(args: argparse.Namespace, progress: Progress, *, pgdata: bool, backe
         progress=progress,
         backend=backend,
         journal=getattr(args, "overlay", None) is not None,  # a kept overlay must survive a crash
+        from_last_view=from_last_view,
+        fresh_view=fresh_view,
     )
+
+
+def _session(
+    args: argparse.Namespace,
+    progress: Progress,
+    session: Callable[[Served], T],
+    *,
+    pgdata: bool,
+    backend: str = "nbd",
+) -> T:
+    """The session on the snapshot served from the store's last view (a remote store: no round
+    trip before the chain starts), which confirms it before it answers; when the store had changed
+    since, the session tore everything down and it starts again on what the store holds now."""
+    served = _served(args, progress, pgdata=pgdata, backend=backend, from_last_view=True)
+    try:
+        served.confirmed(block=False)  # found changed already: start nothing on it
+        return session(served)
+    except StaleView as e:
+        progress.say(str(e))
+        now = e.view
+    return session(_served(args, progress, pgdata=pgdata, backend=backend, fresh_view=now))
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
     require_root()
     progress = Progress(args.quiet)
-    served = _served(args, progress, pgdata=False, backend="fuse" if _fuse_backend(args) else "nbd")
-    chain = mount_session(
-        served.backing, args.mountpoint, overlay=args.overlay, progress=progress, state=served.state()
-    )
+
+    def mount(served: Served) -> Chain:
+        return mount_session(
+            served.backing,
+            args.mountpoint,
+            overlay=args.overlay,
+            progress=progress,
+            state=served.state(),
+            confirm=served.confirmed,
+        )
+
+    chain = _session(args, progress, mount, pgdata=False, backend="fuse" if _fuse_backend(args) else "nbd")
     assert chain.run is not None
     progress.say(f"mounted on {chain.mountpoint} (run {chain.run.id}); `kloset-blocks down` to undo")
     return 0
@@ -63,14 +109,18 @@ def _fuse_backend(args: argparse.Namespace) -> bool:
 def cmd_pg_start(args: argparse.Namespace) -> int:
     require_root()
     progress = Progress(args.quiet)
-    served = _served(args, progress, pgdata=True)
-    chain, server = pg_session(
-        served.backing,
-        read_only=args.read_only,
-        overlay=args.overlay,
-        progress=progress,
-        state=served.state(),
-    )
+
+    def start(served: Served) -> tuple[Chain, postgres.Server]:
+        return pg_session(
+            served.backing,
+            read_only=args.read_only,
+            overlay=args.overlay,
+            progress=progress,
+            state=served.state(),
+            confirm=served.confirmed,
+        )
+
+    chain, server = _session(args, progress, start, pgdata=True)
     assert chain.run is not None
     print(server.connect_hint())
     progress.say(f"run {chain.run.id}; `kloset-blocks pg stop` to stop and tear down")
@@ -89,15 +139,19 @@ def cmd_psql(args: argparse.Namespace) -> int:
     require_root()
     psql_args = split_psql_args(args)
     progress = Progress(args.quiet)
-    served = _served(args, progress, pgdata=True)
-    return psql_session(
-        served.backing,
-        psql_args,
-        read_only=args.read_only,
-        overlay=args.overlay,
-        progress=progress,
-        state=served.state(),
-    )
+
+    def session(served: Served) -> int:
+        return psql_session(
+            served.backing,
+            psql_args,
+            read_only=args.read_only,
+            overlay=args.overlay,
+            progress=progress,
+            state=served.state(),
+            confirm=served.confirmed,
+        )
+
+    return _session(args, progress, session, pgdata=True)
 
 
 def split_psql_args(args: argparse.Namespace) -> list[str]:

@@ -112,6 +112,8 @@ PLAN_BLOCK = 1 << 20
 _PLANNED_MIN = 64
 # Distinct read failures kept for the stats file; more are counted, not kept.
 MAX_FAILURES = 100
+# Packfiles opened with a remote store's connection after the fork: those the warm-up read most of.
+WARMED_OPENED = 16
 
 
 @dataclass
@@ -294,9 +296,10 @@ class Server:
     def after_fork(self) -> None:
         """nbdkit has forked (or, with -f, would have): threads may start now. A remote store's
         connection is made in the background, so that a start whose reads are all in the on-disk
-        cache never waits for it."""
+        cache never waits for it; the packfiles the warm-up read from are opened with it (SFTP:
+        a first read from each then costs one round trip, not two)."""
         if self.store is not None and self.store.remote:
-            self.store.backend.connect_in_background()
+            self.store.backend.connect_in_background(self.store.packfiles.warmed(WARMED_OPENED))
 
     # ---- exports -------------------------------------------------------------------------------
 

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import errno
 import os
+import sys
 import threading
+from collections.abc import Sequence
 from typing import Protocol
 
 from kloset_blocks.errors import StoreError
@@ -46,9 +48,10 @@ class Backend(Protocol):
         """The object's name for messages (a path, an s3:// or sftp:// URL)."""
         ...
 
-    def connect_in_background(self) -> None:
-        """Start what the first request would wait for (SFTP: the SSH handshake), in a thread;
-        nothing for the others. Never before a fork (nbdkit calls it after its own)."""
+    def connect_in_background(self, soon: Sequence[str] = ()) -> None:
+        """Start what the first request would wait for (SFTP: the SSH handshake, then the opening
+        of the files `soon` names, keys likely read soon), in a thread; nothing for the others.
+        Never before a fork (nbdkit calls it after its own)."""
         ...
 
     def close(self) -> None: ...
@@ -64,6 +67,9 @@ def open_backend(loc: StoreLocation) -> Backend:
 
         return S3Backend(loc)
     if loc.scheme == "sftp":
+        # paramiko imports invoke (a task runner: 40 ms of each process's start, the plugin's too)
+        # only to run ssh_config's `Match exec`, and works without it; no ssh_config is read here.
+        sys.modules.setdefault("invoke", None)  # type: ignore[arg-type]
         from kloset_blocks.store.backend_sftp import SftpBackend
 
         return SftpBackend(loc)
@@ -94,7 +100,7 @@ class FsBackend:
     def describe(self, key: str) -> str:
         return os.path.join(self.root, key)
 
-    def connect_in_background(self) -> None:
+    def connect_in_background(self, soon: Sequence[str] = ()) -> None:
         pass
 
     def read(self, key: str) -> bytes:

@@ -26,7 +26,7 @@ import re
 import ssl
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TypeVar
 
 import urllib3
@@ -258,7 +258,7 @@ class S3Backend:
         port = f":{self.location.port}" if self.location.port else ""
         return f"s3://{self.location.host}{port}/{self.bucket}/{self.prefix}{key}"
 
-    def connect_in_background(self) -> None:
+    def connect_in_background(self, soon: Sequence[str] = ()) -> None:
         pass  # a connection costs one round trip here (two or three with TLS), made by the request
 
     def _call(self, key: str, call: Callable[[], T], what: str = "read") -> T:

@@ -15,6 +15,8 @@
 # object is an OPEN and a STAT sent together, then its reads: two round trips. The check that the
 # store directory exists is sent at connect and its answer taken with the first call's. Nothing
 # connects before the first call, or before connect_in_background() (nbdkit, after its fork).
+# A backend closed keeps its SSH connection for the next one on the same store in the process
+# (_park: a command opening the store again pays one channel, not a handshake).
 # paramiko provides the SSH connection (keys, agent, known_hosts, ciphers); the SFTP requests used
 # here (version 3: OPEN, READ, STAT, OPENDIR, READDIR, CLOSE) are framed here, with paramiko's
 # constants, so that a reply can be bounded before it is read and every field checked (the server
@@ -31,14 +33,16 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import getpass
 import os
 import socket
 import stat
 import struct
 import threading
+import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
@@ -140,6 +144,41 @@ def connect(loc: StoreLocation, opts: dict[str, str]) -> paramiko.SSHClient:
         client.close()
         reason = e.strerror if isinstance(e, OSError) and e.strerror else (str(e) or type(e).__name__)
         raise StoreError(f"sftp {where}: cannot connect: {reason}") from None
+    return client
+
+
+# A closed backend's SSH connection is kept for the next backend of the same location and options
+# in this process (a command that opens the store again: app/check.prepare starting over on what
+# the store holds now), one a location, taken within IDLE_FOR seconds or closed.
+IDLE_FOR = 30.0
+_idle: dict[tuple[object, ...], tuple[paramiko.SSHClient, float, int]] = {}
+_idle_lock = threading.Lock()
+
+
+def _park(key: tuple[object, ...], client: paramiko.SSHClient) -> None:
+    transport = client.get_transport()
+    if transport is None or not transport.is_active():
+        client.close()
+        return
+    with _idle_lock:
+        old = _idle.pop(key, None)
+        _idle[key] = (client, time.monotonic(), os.getpid())
+    if old is not None and old[2] == os.getpid():
+        old[0].close()
+
+
+def _unpark(key: tuple[object, ...]) -> paramiko.SSHClient | None:
+    with _idle_lock:
+        parked = _idle.pop(key, None)
+    if parked is None:
+        return None
+    client, since, pid = parked
+    if pid != os.getpid():  # a fork's: its threads are gone; leave it be
+        return None
+    transport = client.get_transport()
+    if time.monotonic() - since > IDLE_FOR or transport is None or not transport.is_active():
+        client.close()
+        return None
     return client
 
 
@@ -395,6 +434,24 @@ class _Pipe:
             for handle in idle:
                 self.close_handle(handle)
 
+    def open_ahead(self, paths: Iterable[str]) -> None:
+        """OPEN each file now, its reply not waited for: a later read of it finds the handle (or the
+        OPEN in flight) in the cache, a round trip saved. Files already open are skipped; at most
+        half the cache is filled so (an entry nobody used yet is never evicted)."""
+        for path in paths:
+            with self._lock:
+                if path in self._opened:
+                    continue
+                if len(self._opened) >= HANDLES // 2:
+                    return
+                entry = self._opened[path] = _Open(Future())
+            try:
+                sent = self.request(CMD_OPEN, _open_payload(path))
+            except BaseException as e:  # the channel failed: a read of it opens it again
+                entry.reply.set_exception(e)
+                return
+            sent.add_done_callback(functools.partial(_pass_on, entry.reply))
+
     def _evictable(self) -> list[bytes]:
         """Handles over HANDLES that no thread is using, least recently used first (under _lock)."""
         out = []
@@ -461,6 +518,14 @@ class _Pipe:
             self.close_handle(handle)
 
 
+def _pass_on(to: Future[Reply], done: Future[Reply]) -> None:
+    error = done.exception()
+    if error is not None:
+        to.set_exception(error)
+    else:
+        to.set_result(done.result())
+
+
 def _open_payload(path: str) -> bytes:
     return _string(path) + struct.pack(">II", SFTP_FLAG_READ, 0)  # no attributes
 
@@ -488,21 +553,38 @@ class SftpBackend:
         # Nothing is connected here: the first call connects (the SSH handshake is five or six
         # round trips, the channel's start three more), or connect_in_background() starts it.
         self._connecting: Future[None] | None = None
+        self._soon: list[str] = []  # paths to open once connected (connect_in_background)
+        self._idle_key = (loc.display, loc.user, loc.port, tuple(sorted(self.opts.items())))
 
-    def connect_in_background(self) -> None:
-        """Start connecting now, in a thread, unless connected or connecting: the first call then
-        waits for it, and a process that needs no request (the plugin on a warm start, all its
-        reads in the on-disk cache) never waits at all. nbdkit calls it after its fork (a thread
-        alive at a C fork() could hold a lock the child then waits for forever)."""
+    def connect_in_background(self, soon: Sequence[str] = ()) -> None:
+        """Start connecting now, in a thread, unless connected or connecting; the files `soon` names
+        are opened as soon as the channel is (now, if it is). The first call waits for the
+        connection, and a process that needs no request (the plugin on a warm start, all its
+        reads in the on-disk cache) never waits at all. Never before a C fork() (a thread alive then
+        could hold a lock the child waits for forever): nbdkit's plugin calls it after the fork."""
+        paths = [self._path(key) for key in soon]
+        connecting = self._connecting
+        if connecting is not None and self._pid == os.getpid():  # _lock is held until it is done
+            connecting.add_done_callback(lambda _: self._open_ahead(paths))
+            return
         with self._lock:
             if self._pid != os.getpid():
                 self._after_fork()
-            if self._closed or self._connecting is not None or self._pipe is not None:
+            if self._closed:
                 return
+            if self._pipe is not None and self._pipe.broken is None:
+                self._pipe.open_ahead(paths)
+                return
+            self._soon = paths  # _open_pipe opens them
             self._connecting = connecting = Future()
         threading.Thread(
             target=self._connect_in_background, args=(connecting,), name="sftp-connect", daemon=True
         ).start()
+
+    def _open_ahead(self, paths: list[str]) -> None:
+        pipe = self._pipe
+        if pipe is not None and pipe.broken is None:
+            pipe.open_ahead(paths)
 
     def _connect_in_background(self, connecting: Future[None]) -> None:
         try:
@@ -539,6 +621,7 @@ class SftpBackend:
         self._connecting = None
         self._pipe = None
         self._root_stat = None
+        self._soon = []
         self._pid = os.getpid()
 
     def _wait_for_connect(self) -> None:
@@ -563,10 +646,12 @@ class SftpBackend:
             if self._client is not None:
                 self._client.close()
             self._client = None
-            self._client = connect(self.location, self.opts)
+            self._client = _unpark(self._idle_key) or connect(self.location, self.opts)
             transport = self._client.get_transport()
         assert transport is not None
         self._pipe = _Pipe.open(transport, self.timeout)
+        soon, self._soon = self._soon, []
+        self._pipe.open_ahead(soon)  # sent before any call can send its own OPEN of them
         if not self._root_checked and self._root_stat is None:
             self._root_stat = self._pipe.stat(self.root)
 
@@ -676,7 +761,10 @@ class SftpBackend:
         if pipe is not None:
             pipe.fail(EOFError("the store is closed"))
         if client is not None:
-            client.close()
+            if self._pid == os.getpid():
+                _park(self._idle_key, client)  # for the next backend here, if any
+            else:
+                client.close()
 
 
 def _describe(e: BaseException) -> str:

@@ -24,7 +24,7 @@ import os
 import struct
 import threading
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from kloset_blocks.errors import CorruptionError, KlosetError, StoreError, UnsupportedVersion
 from kloset_blocks.store import codec as c
@@ -63,6 +63,7 @@ class Packfiles:
         self.codec = codec
         self.index = index
         self._checked: set[bytes] = set()
+        self._header_reads: dict[bytes, Future[bytes]] = {}  # pread's, in flight
         self._lock = threading.Lock()
         self._closed = False
         self._pool: ThreadPoolExecutor | None = None
@@ -175,6 +176,12 @@ class Packfiles:
             self._kept_bytes = sum(len(data) for kept in spans.values() for _, data in kept)
         return total
 
+    def warmed(self, most: int) -> list[str]:
+        """The keys of the packfiles warm() kept spans of (up to `most`, the most bytes first):
+        the next reads that miss are likeliest there (a file's chunks lie near its object)."""
+        kept = sorted(self._spans.items(), key=lambda item: -sum(len(data) for _, data in item[1]))
+        return [self.key(pf) for pf, _ in kept[:most]]
+
     def in_span(self, loc: Location) -> bool:
         """Whether a span warm() kept holds the blob whole."""
         return self._span_bytes_of(loc) is not None
@@ -219,14 +226,39 @@ class Packfiles:
         with self._lock:
             self._checked.add(packfile)
 
+    def _header_read(self, packfile: bytes) -> Future[bytes]:
+        """The packfile's header, read in a thread of its own (one per packfile at a time; the
+        pool's threads may be the ones waiting for it)."""
+        with self._lock:
+            reading = self._header_reads.get(packfile)
+            if reading is not None:
+                return reading
+            reading = self._header_reads[packfile] = Future()
+
+        def read() -> None:
+            try:
+                reading.set_result(self.backend.read_range(self.key(packfile), 0, c.HEADER_SIZE))
+            except BaseException as e:
+                reading.set_exception(e)
+            finally:
+                with self._lock:
+                    self._header_reads.pop(packfile, None)  # checked by the waiters, or read again
+
+        threading.Thread(target=read, name="kloset-header", daemon=True).start()
+        return reading
+
     def stop_threads(self) -> None:
         """End the fetch pool's threads (a later read makes a new pool). nbdkit forks with C's
         fork() after get_ready, so Python's at-fork handlers do not run: a thread alive then would
         be waited for forever at the child's exit."""
         with self._lock:
             pool, self._pool = self._pool, None
+            header_reads = list(self._header_reads.values())
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
+        for reading in header_reads:  # each ends within the backend's deadline
+            with contextlib.suppress(BaseException):
+                reading.result()
 
     def close(self) -> None:
         with self._lock:
@@ -245,8 +277,9 @@ class Packfiles:
 
     def pread(self, loc: Location) -> bytes:
         """The encoded bytes of one blob (FileNotFoundError when its packfile is gone). The
-        packfile's header is checked on its first read: within the same request when the blob
-        lies near the start (one round trip to a remote store, not two)."""
+        packfile's header is checked on its first read: on a remote store within the same request
+        when the blob lies near the start, else by a request in flight with the blob's (one round
+        trip, not two)."""
         if self._spans and (data := self._span_bytes_of(loc)) is not None:
             return data
         start = c.HEADER_SIZE + loc.offset
@@ -256,6 +289,10 @@ class Packfiles:
             data = self._read(loc.packfile, 0, start + loc.length)
             self._check_header(data[: c.HEADER_SIZE], loc.packfile)
             data = data[start:]
+        elif self.backend.location.remote:  # the header's request in flight with the blob's
+            header = self._header_read(loc.packfile)
+            data = self._read(loc.packfile, start, loc.length)
+            self._check_header(header.result(), loc.packfile)
         else:  # a local header read is not counted: the counters are the blobs' bytes, as before
             self._check_header(
                 self.backend.read_range(self.key(loc.packfile), 0, c.HEADER_SIZE), loc.packfile

@@ -116,6 +116,7 @@ class LocationIndex:
         self._live: frozenset[int] = frozenset()
         self.states: list[bytes] = []
         self.damaged: list[tuple[str, str]] = []  # (path, why) of states left out
+        self.erasing = False  # a COLOURED or DELETE entry was applied (maintenance, a deletion)
 
     def damage_note(self) -> str:
         """What to add to an error about a missing blob or snapshot when states were left out."""
@@ -191,11 +192,13 @@ class LocationIndex:
             elif etype == ET_COLOURED:
                 rtype, mac, _when = _COLOURED.unpack(body)
                 self._coloured.add(bytes([rtype]) + mac)
+                self.erasing = True
             elif etype == ET_PACKFILE:
                 packfile, _state, _ts = _PACKFILE.unpack(body)
                 self._packfiles.add(self._pf(packfile))
             elif etype == ET_DELETE and state.start:  # DELETE exists in state 1.1.0 only
                 self._apply_delete(body)
+                self.erasing = True
 
     def _add_location(self, key: bytes, packed: int) -> None:
         first = self._loc.get(key)
@@ -257,6 +260,10 @@ class LocationIndex:
     def blob_version(self, rtype: int, mac: bytes) -> int | None:
         """The delta version when newer than this reader knows, else None."""
         return self._newer.get(bytes([rtype]) + mac)
+
+    def recorded_snapshots(self) -> list[bytes]:
+        """Every snapshot id a state records, live or not."""
+        return sorted(self._snapshot_macs)
 
     def snapshot_ids(self) -> list[bytes]:
         """Live snapshots: RT_SNAPSHOT blobs in a live packfile and not coloured (deleted)."""

@@ -13,9 +13,7 @@
 #   a snapshot whose header cannot be read is left out of snapshots(); problems() lists both.
 from __future__ import annotations
 
-import base64
 import contextlib
-import json
 import os
 import resource
 import threading
@@ -35,6 +33,7 @@ from kloset_blocks.store.packfile import Packfiles
 from kloset_blocks.store.passphrase import Secret
 from kloset_blocks.store.snapshot import Snapshot, SnapshotInfo
 from kloset_blocks.store.state import Location, LocationIndex, list_bucketed
+from kloset_blocks.store.view import make_view, parse_view, save_view
 
 NODE_CACHE = 4096
 
@@ -107,15 +106,32 @@ class Store:
 
     def view(self) -> str:
         """CONFIG and the list of states as this Store read them, for open_store(view=...) in a
-        child process (one line of text: it travels in an environment variable)."""
-        return json.dumps(
-            {
-                "location": self.location,
-                "config": base64.b64encode(self._config_raw).decode(),
-                "states": [[ident.hex(), key] for ident, key in self._listed],
-            },
-            separators=(",", ":"),
-        )
+        child process or a later command (store/view.py)."""
+        return make_view(self.location, self._config_raw, self._listed)
+
+    def changes(self, prefix: str = "") -> tuple[str | None, bool]:
+        """The store's view now when it differs from this Store's (None when not; CONFIG and the
+        list of states read again now, the listing in flight with CONFIG), and whether what
+        `prefix` names here is still what the store would serve: CONFIG unchanged, no state gone,
+        and the new states (read through the on-disk cache) only adding blobs and snapshots, none
+        named by `prefix` ("" or latest: none at all). StoreError when it cannot be read."""
+        with ThreadPoolExecutor(1) as side:
+            listing = side.submit(list_bucketed, self.backend, "states")
+            try:
+                raw = self.backend.read("CONFIG")
+            except FileNotFoundError:
+                return "", False
+            listed = listing.result()
+        before, now = set(self._listed), set(listed)
+        if raw == self._config_raw and before == now:
+            return None, True
+        view = make_view(self.location, raw, listed)
+        if raw != self._config_raw or not before <= now:
+            return view, False
+        added = LocationIndex.build(self.backend, self.codec, listed=sorted(now - before), cache=self.disk)
+        wanted = "" if prefix in ("", "latest") else prefix.lower()
+        named = any(ident.hex().startswith(wanted) for ident in added.recorded_snapshots())
+        return view, not (added.damaged or added.erasing or named)
 
     @property
     def executor(self) -> ThreadPoolExecutor:
@@ -277,25 +293,13 @@ def open_store(
         if cache_dir:
             repository_id = bytes(cfg.config.get("RepositoryID") or b"")
             disk = DiskCache(cache_dir, cfg.codec, repository_id, cache_size)
-        return Store(loc.display, backend, cfg, disk=disk, listed=listed, cache_chunks=cache_chunks)
+        store = Store(loc.display, backend, cfg, disk=disk, listed=listed, cache_chunks=cache_chunks)
+        if seen is None and loc.remote and cache_dir:  # what the next command may start from
+            save_view(cache_dir, loc.display, store.view())
+        return store
     except BaseException:
         backend.close()
         raise
-
-
-def parse_view(view: str, display: str) -> tuple[bytes, list[tuple[bytes, str]]] | None:
-    """(raw CONFIG, listed states) of a Store.view() of the store at `display`; None otherwise."""
-    try:
-        data = json.loads(view)
-        if data.get("location") != display:
-            return None
-        raw = base64.b64decode(data["config"], validate=True)
-        listed = [(bytes.fromhex(ident), str(key)) for ident, key in data["states"]]
-    except (ValueError, TypeError, KeyError, AttributeError):
-        return None
-    if any(len(ident) != 32 or not key.startswith("states/") for ident, key in listed):
-        return None
-    return raw, listed
 
 
 def cache_dir_for(location: str, cache_dir: str | None = None) -> str | None:
