@@ -1,7 +1,8 @@
 """A remote store's last view (store/view.py) and the start from it (app/check.prepare with
 from_last_view): the command starts without waiting for the store's listing, and its answer waits
-for the check that the store still holds what the view said; a store that changed since (a new
-state: `latest` moved) makes that check fail, and a fresh start then serves the new snapshot."""
+for the check that the store still serves what the view said; a store that changed since (a new
+state: `latest` moved) makes that check fail, and a start on what the check read serves the new
+snapshot, while a snapshot named by its id is still served after a state that only adds."""
 
 from __future__ import annotations
 
