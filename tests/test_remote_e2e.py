@@ -56,7 +56,22 @@ def test_psql_over_sftp_encrypted_through_delay(
     before = sorted((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in remote.rglob("*"))
     with delay_proxy(ssh.port, tmp_path, delay_ms=25, rate_mbit=200) as proxy:
         config = ssh.config(tmp_path / "sftp.conf", known_hosts=str(ssh.known_hosts_for(proxy.port)))
-        res = cli(
+        runs = [
+            cli(
+                run_root,
+                "psql",
+                ssh.location(remote, port=proxy.port),
+                ENC_A,
+                "--store-config",
+                str(config),
+                "--",
+                *psql_args([("shop", q) for q in GOLDEN_QUERIES]),
+                env={"PLAKAR_PASSPHRASE": PASS, "XDG_CACHE_HOME": str(tmp_path / "cache")},
+                timeout=300,
+            )
+            for _ in range(2)  # the second from the store's last view, unlocked with the passphrase
+        ]
+        wrong = cli(
             run_root,
             "psql",
             ssh.location(remote, port=proxy.port),
@@ -64,12 +79,17 @@ def test_psql_over_sftp_encrypted_through_delay(
             "--store-config",
             str(config),
             "--",
-            *psql_args([("shop", q) for q in GOLDEN_QUERIES]),
-            env={"PLAKAR_PASSPHRASE": PASS, "XDG_CACHE_HOME": str(tmp_path / "cache")},
-            timeout=300,
+            "-c",
+            "select 1",
+            env={"PLAKAR_PASSPHRASE": "not it", "XDG_CACHE_HOME": str(tmp_path / "cache")},
         )
-    assert res.returncode == 0, res.stderr
-    assert res.stdout.splitlines() == GOLDEN_ANSWERS[GOLDEN_A]
+    assert wrong.returncode == 1
+    assert wrong.stderr.strip().splitlines()[-1].startswith("kloset-blocks: wrong passphrase for store")
+    assert "Traceback" not in wrong.stderr
+    for res in runs:
+        assert res.returncode == 0, res.stderr
+        assert res.stdout.splitlines() == GOLDEN_ANSWERS[GOLDEN_A]
+    assert list((tmp_path / "cache" / "kloset-blocks" / "views").iterdir())  # the view it started from
     assert sorted((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in remote.rglob("*")) == before
     assert not list(run_root.iterdir())
 

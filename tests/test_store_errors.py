@@ -408,3 +408,27 @@ def test_cli_passphrase_file(tmp_path: Path) -> None:
 def test_errors_are_kloset_errors() -> None:
     for cls in (CorruptionError, NotFound, PassphraseError, StoreError, UnsupportedVersion):
         assert issubclass(cls, KlosetError)
+
+
+def test_a_process_derives_a_stores_key_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    # prepare() may open a store twice (from its last view, then from the store): Argon2id once.
+    from kloset_blocks.store import config
+
+    derivations: list[bytes] = []
+    derive = c.derive_key
+
+    def counted(secret: bytes, params: object) -> bytes:
+        derivations.append(secret)
+        return derive(secret, params)
+
+    monkeypatch.setattr(c, "derive_key", counted)
+    monkeypatch.setattr(config, "_derived", {})
+    keys = []
+    for _ in range(2):
+        with open_store(str(ENC), PASSPHRASE) as st:
+            keys.append(st.codec.key)
+    assert len(derivations) == 1 and keys[0] == keys[1] is not None
+    for _ in range(2):  # a wrong passphrase: derived once too, refused each time
+        with pytest.raises(PassphraseError, match="wrong passphrase"):
+            open_store(str(ENC), "not it")
+    assert len(derivations) == 2

@@ -14,6 +14,7 @@
 # passphrase; when both are given the key is used.
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -90,7 +91,7 @@ def load_config(
         else:
             secret = _passphrase_bytes(passphrase, display)
             try:
-                key = c.derive_key(secret, encryption["KDFParams"])
+                key = _derive_key(secret, encryption["KDFParams"])
             except CorruptionError as e:
                 raise CorruptionError(f"{e}: {path}") from None
             if not c.verify_canary(key, canary, subkey):
@@ -103,6 +104,20 @@ def load_config(
     except (AttributeError, TypeError, ValueError):
         raise CorruptionError(f"{path}: malformed configuration") from None
     return StoreConfig(version, config, key, codec, raw)
+
+
+# This process's key derivations, by the passphrase's digest and the KDF parameters: a command that
+# opens a store twice (app/check.prepare starting over on what the store holds now, or after a
+# start from its last view failed) derives the key once; a derivation costs seconds by design.
+_derived: dict[tuple[bytes, str], bytes] = {}
+
+
+def _derive_key(secret: bytes, params: Any) -> bytes:
+    memo = (hashlib.sha256(secret).digest(), repr(params))
+    key = _derived.get(memo)
+    if key is None:
+        key = _derived[memo] = c.derive_key(secret, params)
+    return key
 
 
 def _passphrase_bytes(passphrase: Secret | None, display: str) -> bytes:
