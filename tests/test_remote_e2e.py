@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -56,33 +57,16 @@ def test_psql_over_sftp_encrypted_through_delay(
     before = sorted((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in remote.rglob("*"))
     with delay_proxy(ssh.port, tmp_path, delay_ms=25, rate_mbit=200) as proxy:
         config = ssh.config(tmp_path / "sftp.conf", known_hosts=str(ssh.known_hosts_for(proxy.port)))
-        runs = [
-            cli(
-                run_root,
-                "psql",
-                ssh.location(remote, port=proxy.port),
-                ENC_A,
-                "--store-config",
-                str(config),
-                "--",
-                *psql_args([("shop", q) for q in GOLDEN_QUERIES]),
-                env={"PLAKAR_PASSPHRASE": PASS, "XDG_CACHE_HOME": str(tmp_path / "cache")},
-                timeout=300,
-            )
-            for _ in range(2)  # the second from the store's last view, unlocked with the passphrase
-        ]
-        wrong = cli(
-            run_root,
-            "psql",
-            ssh.location(remote, port=proxy.port),
-            ENC_A,
-            "--store-config",
-            str(config),
-            "--",
-            "-c",
-            "select 1",
-            env={"PLAKAR_PASSPHRASE": "not it", "XDG_CACHE_HOME": str(tmp_path / "cache")},
-        )
+        location = ssh.location(remote, port=proxy.port)
+        queries = psql_args([("shop", q) for q in GOLDEN_QUERIES])
+
+        def psql(passphrase: str) -> subprocess.CompletedProcess[str]:
+            env = {"PLAKAR_PASSPHRASE": passphrase, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+            args = ["psql", location, ENC_A, "--store-config", str(config), "--", *queries]
+            return cli(run_root, *args, env=env, timeout=300)
+
+        runs = [psql(PASS) for _ in range(2)]  # the second from the store's last view, unlocked
+        wrong = psql("not it")
     assert wrong.returncode == 1
     assert wrong.stderr.strip().splitlines()[-1].startswith("kloset-blocks: wrong passphrase for store")
     assert "Traceback" not in wrong.stderr

@@ -89,13 +89,17 @@ def open_checked_store(
     the on-disk cache the plugin uses too (store.cache_dir_for), so that of two processes on one
     snapshot, or two runs, only the first fetches it; file contents too with `cache_chunks` (the
     few small files a check reads, not a restore's every chunk)."""
-    spec = f"+{passphrase_file}" if passphrase_file else None
     return open_store(
         location,
-        passphrase_source(spec, location),
+        _passphrase(passphrase_file, location),
         cache_dir=cache_dir_for(location, cache_dir),
         cache_chunks=cache_chunks,
     )
+
+
+def _passphrase(passphrase_file: str | None, location: str) -> Callable[[], bytes]:
+    """The CLI's precedence rule: --passphrase-file, $PLAKAR_PASSPHRASE, a prompt."""
+    return passphrase_source(f"+{passphrase_file}" if passphrase_file else None, location)
 
 
 def check_snapshot(
@@ -153,8 +157,7 @@ def prepare(
     store itself (the view may be what is out of date); the passphrase is asked for once either
     way."""
     progress = progress or Progress(quiet=True)
-    spec = f"+{passphrase_file}" if passphrase_file else None
-    passphrase = functools.cache(passphrase_source(spec, store))  # asked for once, if encrypted
+    passphrase = functools.cache(_passphrase(passphrase_file, store))  # asked for once, if encrypted
     cache_dir = cache_dir_for(store)
     serve = functools.partial(
         _serve,

@@ -23,7 +23,7 @@
 # chunks the spans missed cost more CPU than the round trips it saved (bench/RESULTS.md). The
 # command that starts nbdkit (app/check.prepare) warms up first, on the connection it has open
 # (warm_snapshot: the same files, so the same spans, kept in the on-disk cache): the plugin then
-# gets ready without a request, and connects after nbdkit's fork, in the background.
+# gets ready without a request, and connects in the background (Server.get_ready, after_fork).
 #
 # Invariants:
 # - A hint only: a MAC that is not (or no longer) in the store is skipped; every chunk is fetched

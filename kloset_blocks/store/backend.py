@@ -51,7 +51,8 @@ class Backend(Protocol):
     def connect_in_background(self, soon: Sequence[str] = ()) -> None:
         """Start what the first request would wait for (SFTP: the SSH handshake, then the opening
         of the files `soon` names, keys likely read soon), in a thread; nothing for the others.
-        Never before a fork (nbdkit calls it after its own)."""
+        Never before a C fork(): nbdkit's plugin calls it after the fork, or at get_ready in an
+        nbdkit that never forks."""
         ...
 
     def close(self) -> None: ...

@@ -561,7 +561,8 @@ class SftpBackend:
         are opened as soon as the channel is (now, if it is). The first call waits for the
         connection, and a process that needs no request (the plugin on a warm start, all its
         reads in the on-disk cache) never waits at all. Never before a C fork() (a thread alive then
-        could hold a lock the child waits for forever): nbdkit's plugin calls it after the fork."""
+        could hold a lock the child waits for forever): nbdkit's plugin calls it after the fork,
+        or at get_ready in an nbdkit that never forks."""
         paths = [self._path(key) for key in soon]
         connecting = self._connecting
         if connecting is not None and self._pid == os.getpid():  # _lock is held until it is done
@@ -573,7 +574,7 @@ class SftpBackend:
             if self._closed:
                 return
             if self._pipe is not None and self._pipe.broken is None:
-                self._pipe.open_ahead(paths)
+                self._open_ahead(paths)
                 return
             self._soon = paths  # _open_pipe opens them
             self._connecting = connecting = Future()
