@@ -4,12 +4,13 @@
 # change whose gain is a tenth of a second on a 2-core machine whose runs vary by as much.
 #
 # Setup: bench/remote.py's store (--work DIR from a `remote.py --setup-only` run), its servers and
-# delaying proxy (25 ms each way, 200 Mbit/s by default). Each checkout has its own on-disk cache.
+# delaying proxy (25 ms each way, 200 Mbit/s by default; --net picks the link as remote.py's --nets
+# does). Each checkout has its own on-disk cache.
 # Variants: cold (the cache emptied before each run), warm (kept; filled once by a first run),
 # next (the cache of one run on the first snapshot, then the second snapshot).
 #
 # Usage (root): .venv/bin/python bench/remote_ab.py --work DIR --against DIR2 [--backend sftp|s3]
-#   [--variants cold warm next] [--runs 4] [--scale 100]
+#   [--variants cold warm next] [--runs 4] [--scale 100] [--net wan|lo|direct]
 from __future__ import annotations
 
 import argparse
@@ -49,8 +50,9 @@ def main() -> int:
     p.add_argument("--scale", type=int, default=100)
     p.add_argument("--delay-ms", type=float, default=25)
     p.add_argument("--rate-mbit", type=float, default=200)
+    p.add_argument("--net", choices=remote.NETS, default="wan", help="the link (remote.py's --nets)")
     a = p.parse_args()
-    a.nets = ["wan"]
+    a.nets = [a.net]
     s = remote.reuse(a.work, a.scale)
     scratch = Path(tempfile.mkdtemp(prefix="ab-", dir=a.work))
     os.chmod(scratch, 0o711)

@@ -11,6 +11,7 @@ import hashlib
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -380,18 +381,20 @@ def test_plugin_start_over_s3_warm_reads_only_config_and_the_state_list(
     assert cold == warm == handed == ignored == local
 
 
-@pytest.mark.parametrize("backend", ["s3", "sftp"])
-def test_daemonized_nbdkit_serves_and_exits(
+@pytest.mark.parametrize(("backend", "mode"), [("s3", "daemon"), ("sftp", "daemon"), ("sftp", "captive")])
+def test_a_forking_nbdkit_serves_and_exits(
     backend: str,
+    mode: str,
     remotes: dict[str, tuple[str, Path]],
     fixtures_dir: Path,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """nbdkit without -f forks (C's fork: no Python at-fork handler runs) once the plugin is ready:
-    no thread of ours may be alive then (the fetch pool, the on-disk cache's writer, an SSH
-    transport), or the child queues work that never runs and waits for them at exit. The copy
-    equals the fs store's image; SIGTERM ends it."""
+    """nbdkit without -f forks (C's fork: no Python at-fork handler runs) once the plugin is ready,
+    and so does a captive nbdkit (-f --run CMD: the server is the child): no thread of ours may be
+    alive then (the fetch pool, the on-disk cache's writer, an SSH transport), or the child queues
+    work that never runs, or waits for a lock a thread left held. The copy equals the fs store's
+    image; SIGTERM ends the daemon, the captive one ends with its command."""
     import signal
     import time
 
@@ -403,19 +406,29 @@ def test_daemonized_nbdkit_serves_and_exits(
     argv, extra = nbdkit_argv(location, "bf6afbae", pgdata=True)
     env = {**os.environ, **{k: v for k, v in extra.items() if v is not None}}
     params = [*argv[argv.index(str(PLUGIN)) + 1 :], f"cache-dir={tmp_path / 'cache'}"]
-    subprocess.run(
-        ["nbdkit", "-r", "-U", str(sock), "-P", str(pidfile), "python", str(PLUGIN), *params],
-        check=True, env=env, timeout=60,
-    )  # fmt: skip
-    pid = int(pidfile.read_text())
-    try:
-        subprocess.run(["nbdcopy", f"nbd+unix:///?socket={sock}", str(copied)], check=True, timeout=120)
-    finally:
-        os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and os.path.exists(f"/proc/{pid}"):
-            time.sleep(0.1)
-        assert not os.path.exists(f"/proc/{pid}"), "nbdkit did not exit after SIGTERM"
+    if mode == "captive":  # twice: the second from the on-disk cache and the store's view, as a command
+        # starts it, connecting in the background (the case that hung, that thread's lock held)
+        for _ in range(2):
+            captive = ["nbdkit", "-f", "-r", "-U", "-", "--run", f'nbdcopy "$uri" {copied}']
+            subprocess.run([*captive, "python", str(PLUGIN), *params], check=True, env=env, timeout=60)
+            st = open_store(location, cache_dir=str(tmp_path / "cache"))
+            view_env = nbdkit_argv(location, "bf6afbae", view=st.view())[1]
+            env = {**env, **{k: v for k, v in view_env.items() if v is not None}}
+            st.close()
+    else:
+        subprocess.run(
+            ["nbdkit", "-r", "-U", str(sock), "-P", str(pidfile), "python", str(PLUGIN), *params],
+            check=True, env=env, timeout=60,
+        )  # fmt: skip
+        pid = int(pidfile.read_text())
+        try:
+            subprocess.run(["nbdcopy", f"nbd+unix:///?socket={sock}", str(copied)], check=True, timeout=120)
+        finally:
+            os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and os.path.exists(f"/proc/{pid}"):
+                time.sleep(0.1)
+            assert not os.path.exists(f"/proc/{pid}"), "nbdkit did not exit after SIGTERM"
     oracle = server_for(f"fs:{fixtures_dir / 'golden-plain'}", "pgdata=true")
     expected = tmp_path / "expected.img"
     oracle.exports[oracle.default_export].image.write_sparse(expected)
@@ -676,3 +689,51 @@ def test_a_closed_sftp_backends_connection_serves_the_next_one_on_the_same_store
         assert read_config(timeout="29") == first  # kept too long: connect again
         assert proxy.stats()["connections"] - probed == 3
     assert first == (remote / "CONFIG").read_bytes()
+
+
+def _quickack_after_each_read(sock_class: type[socket.socket]) -> list[int]:
+    """TCP_QUICKACK as read after each of four request/reply exchanges on a loopback connection
+    from a `sock_class` socket: 1 out of delayed-ACK (pingpong) mode, 0 in it."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client = sock_class(socket.AF_INET, socket.SOCK_STREAM)
+        with client:
+            client.connect(listener.getsockname())
+            server, _ = listener.accept()
+            with server:
+                seen = []
+                for _ in range(4):
+                    server.sendall(b"reply" * 20)
+                    client.recv(4096)
+                    seen.append(client.getsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK))
+                    client.sendall(b"request" * 20)  # a reply soon after a read: the kernel's pingpong
+                    server.recv(4096)
+                return seen
+
+
+def test_an_sftp_connection_neither_holds_small_writes_nor_delays_its_acks(
+    ssh: SshServer, fixtures_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """sshd leaves Nagle on for an sftp session: a small reply sent while an earlier one is
+    unacknowledged waits for the client's ACK, which the kernel delays (40 ms on loopback) once
+    the connection looks request/reply. The backend's socket has Nagle off and leaves delayed-ACK
+    mode at every read; a plain socket, the control, stays in it."""
+    from kloset_blocks.store import backend_sftp
+    from kloset_blocks.store.backend import open_backend
+    from kloset_blocks.store.location import parse_location
+
+    assert _quickack_after_each_read(socket.socket)[1:] == [0, 0, 0]
+    assert _quickack_after_each_read(backend_sftp._PromptSocket) == [1, 1, 1, 1]
+
+    remote = tmp_path / "remote"
+    shutil.copytree(fixtures_dir / "golden-plain", remote)
+    monkeypatch.setenv(CONFIG_ENV, str(ssh.config(tmp_path / "c.conf")))
+    backend = open_backend(parse_location(ssh.location(remote)))
+    try:
+        assert backend.read("CONFIG") == (remote / "CONFIG").read_bytes()
+        transport = backend.client().get_transport()
+        assert transport is not None
+        sock = transport.sock
+        assert isinstance(sock, backend_sftp._PromptSocket)
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+    finally:
+        backend.close()

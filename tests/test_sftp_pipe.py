@@ -266,3 +266,39 @@ def test_files_opened_ahead_are_read_with_no_open_of_their_own(monkeypatch: pyte
         pipe.open_ahead(list(many))  # at most half the handle cache, so that reads keep theirs
         pipe.wait(pipe.stat("/s/small"))
         assert len(server.opened) == HANDLES // 2
+
+
+def test_the_protocol_numbers_are_paramikos() -> None:
+    """The backend frames SFTP itself, with its own copy of the protocol's numbers (so that paramiko
+    is imported only to connect): the same as paramiko's, whose client speaks to every server."""
+    import paramiko.common
+    import paramiko.sftp
+
+    prefixes = ("CMD_", "SFTP_EOF", "SFTP_NO_", "SFTP_PERM", "SFTP_FLAG_")
+    names = [n for n in dir(backend_sftp) if n.startswith(prefixes)]
+    assert len(names) == 17  # 13 requests and replies, 3 statuses, the read flag
+    for name in names:
+        assert getattr(backend_sftp, name) == getattr(paramiko.sftp, name), name
+    attrs = paramiko.SFTPAttributes
+    assert (backend_sftp.ATTR_SIZE, backend_sftp.ATTR_UIDGID, backend_sftp.ATTR_PERMISSIONS) == (
+        attrs.FLAG_SIZE, attrs.FLAG_UIDGID, attrs.FLAG_PERMISSIONS,
+    )  # fmt: skip
+    assert backend_sftp.ATTR_ACMODTIME == attrs.FLAG_AMTIME
+    assert backend_sftp.ATTR_EXTENDED == attrs.FLAG_EXTENDED
+    assert backend_sftp.MAX_PACKET == paramiko.common.DEFAULT_MAX_PACKET_SIZE
+
+
+def test_opening_the_backend_imports_no_ssh_library() -> None:
+    """A start served from the on-disk cache connects to nothing, and pays no SSH library import
+    either (0.1 s): paramiko is imported by the first connection. In a fresh interpreter."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from kloset_blocks.store.backend import open_backend;"
+        "from kloset_blocks.store.location import parse_location;"
+        "b = open_backend(parse_location('sftp://u@127.0.0.1:1/x'));"
+        "print('paramiko' in sys.modules, 'cryptography' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    assert out.stdout.split() == ["False", "False"]

@@ -4,8 +4,6 @@
 # Lifecycle, as nbdkit drives it:
 #   config(key, value)*  -> config_complete() -> get_ready()   [one process, no threads yet]
 #   fork -> after_fork() -> open(export) / pread / extents / cache ... [PARALLEL threads]
-# (nbdkit -f never forks: a remote store's connection then starts at get_ready, in a thread, while
-# the image is built: nbdkit_in_foreground.)
 # get_ready opens the store and builds the default export's image (metadata only), so a wrong
 # store, snapshot or passphrase stops nbdkit before it listens. Other snapshots are served as
 # further exports, named by the full snapshot id (any unique prefix, such as the 8-hex short id, is
@@ -229,21 +227,6 @@ class Export:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-_FOREGROUND = (b"-f", b"--foreground", b"-s", b"--single")
-
-
-def nbdkit_in_foreground(cmdline: str = "/proc/self/cmdline") -> bool:
-    """Whether this process is an nbdkit told -f (--foreground) or -s (--single, which implies it):
-    it never forks, so threads may start before get_ready ends. Anything else (nbdkit forking, a
-    test's Server) waits for after_fork."""
-    try:
-        with open(cmdline, "rb") as f:
-            argv = f.read().split(b"\0")
-    except OSError:
-        return False
-    return os.path.basename(argv[0]) == b"nbdkit" and any(a in _FOREGROUND for a in argv[1:])
-
-
 class Server:
     def __init__(self) -> None:
         self.config = PluginConfig()
@@ -288,8 +271,6 @@ class Server:
             cache_size=self.config.cache_dir_size,
             view=os.environ.get(VIEW_ENV),  # what the command that started nbdkit read
         )
-        if self.store.remote and nbdkit_in_foreground():
-            self.store.backend.connect_in_background()  # no fork to come: connect while we build
         fetch = self.store.read_chunk  # through the on-disk cache, when there is one
         self.disk = self.store.disk
         if self.disk is not None and self.store.remote:  # what this start reads, prefetched next time

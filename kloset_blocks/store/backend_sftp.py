@@ -17,9 +17,10 @@
 # connects before the first call, or before connect_in_background() (nbdkit, after its fork).
 # A backend closed keeps its SSH connection for the next one on the same store in the process
 # (_park: a command opening the store again pays one channel, not a handshake).
-# paramiko provides the SSH connection (keys, agent, known_hosts, ciphers); the SFTP requests used
-# here (version 3: OPEN, READ, STAT, OPENDIR, READDIR, CLOSE) are framed here, with paramiko's
-# constants, so that a reply can be bounded before it is read and every field checked (the server
+# paramiko provides the SSH connection (keys, agent, known_hosts, ciphers), imported only to make
+# one (a start served from the on-disk cache needs none); the SFTP requests used here (version 3:
+# OPEN, READ, STAT, OPENDIR, READDIR, CLOSE) are framed here, with the protocol's numbers, so that
+# a reply can be bounded before it is read and every field checked (the server
 # is untrusted: a reply over MAX_REPLY, a DATA longer than asked, a truncated field are errors;
 # tests/test_sftp_pipe.py plays such a server).
 #
@@ -45,29 +46,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Protocol, TypeVar
-
-import paramiko
-from paramiko.common import DEFAULT_MAX_PACKET_SIZE
-from paramiko.sftp import (
-    CMD_ATTRS,
-    CMD_CLOSE,
-    CMD_DATA,
-    CMD_HANDLE,
-    CMD_INIT,
-    CMD_NAME,
-    CMD_OPEN,
-    CMD_OPENDIR,
-    CMD_READ,
-    CMD_READDIR,
-    CMD_STAT,
-    CMD_STATUS,
-    CMD_VERSION,
-    SFTP_EOF,
-    SFTP_FLAG_READ,
-    SFTP_NO_SUCH_FILE,
-    SFTP_PERMISSION_DENIED,
-)
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from kloset_blocks.errors import StoreError
 from kloset_blocks.store.location import StoreLocation
@@ -80,6 +59,19 @@ from kloset_blocks.store.options import (
     store_options,
 )
 
+if TYPE_CHECKING:
+    import paramiko  # imported where a connection is made: 0.1 s of a start that needs none
+
+# SFTP version 3 (draft-ietf-secsh-filexfer-02), the numbers verbatim; paramiko.sftp has the same
+# (tests/test_sftp_pipe.py compares them).
+CMD_INIT, CMD_VERSION, CMD_OPEN, CMD_CLOSE, CMD_READ = 1, 2, 3, 4, 5
+CMD_OPENDIR, CMD_READDIR, CMD_STAT = 11, 12, 17
+CMD_STATUS, CMD_HANDLE, CMD_DATA, CMD_NAME, CMD_ATTRS = 101, 102, 103, 104, 105
+SFTP_EOF, SFTP_NO_SUCH_FILE, SFTP_PERMISSION_DENIED = 1, 2, 3
+SFTP_FLAG_READ = 0x01
+ATTR_SIZE, ATTR_UIDGID, ATTR_PERMISSIONS, ATTR_ACMODTIME, ATTR_EXTENDED = 0x1, 0x2, 0x4, 0x8, 0x80000000
+MAX_PACKET = 1 << 15  # the channel's largest packet: paramiko's default, every server's minimum
+
 PARALLELISM = 16  # threads worth having in flight (callers' pools); they share one channel
 HANDLES = 64  # packfile handles kept open
 READ_PIECE = 32768  # bytes per READ: what every SFTP server accepts (OpenSSH's own client's size)
@@ -91,11 +83,48 @@ T = TypeVar("T")
 
 
 def _transient(e: BaseException) -> bool:
+    import paramiko
+
     return isinstance(e, OSError | EOFError | paramiko.SSHException) and not isinstance(e, PermissionError)
+
+
+class _PromptSocket(socket.socket):
+    """A TCP socket that acknowledges at once what it receives. OpenSSH's sshd leaves Nagle's
+    algorithm on for a session without a terminal (an sftp subsystem): a small message it sends
+    while an earlier one is unacknowledged waits for that ACK, and a receiver's kernel delays the
+    ACK of a small segment by up to 40 ms. So after authentication the channel-open reply waited
+    40 ms behind the host-keys message, as did one reply of every pair sent together (a HANDLE
+    and its ATTRS). Linux forgets TCP_QUICKACK as the connection goes on: it is set again before
+    every read. Nagle is off on this side (TCP_NODELAY) for the same reason, sshd being the one
+    delaying its ACKs then."""
+
+    def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        with contextlib.suppress(OSError):
+            self.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+        return super().recv(bufsize, flags)
+
+
+def _dial(host: str, port: int, timeout: float) -> socket.socket:
+    """The TCP connection to the server: its addresses in the resolver's order, the first that
+    answers (as paramiko's own connect does), as a _PromptSocket."""
+    failure: OSError | None = None
+    for family, kind, proto, _, address in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
+        sock = _PromptSocket(family, kind, proto)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.settimeout(timeout)
+            sock.connect(address)
+            return sock
+        except OSError as e:
+            sock.close()
+            failure = e
+    raise failure or OSError(errno.EHOSTUNREACH, f"no address for {host}")
 
 
 def connect(loc: StoreLocation, opts: dict[str, str]) -> paramiko.SSHClient:
     """An authenticated SSH connection (StoreError with one line when it cannot be had)."""
+    import paramiko
+
     timeout = parse_number(opts, "timeout", DEFAULT_TIMEOUT)
     client = paramiko.SSHClient()
     with contextlib.suppress(OSError):
@@ -116,9 +145,9 @@ def connect(loc: StoreLocation, opts: dict[str, str]) -> paramiko.SSHClient:
         client.connect(
             loc.host,
             port=port,
+            sock=_dial(loc.host, port, min(timeout, CONNECT_DEADLINE)),
             username=user,
             key_filename=os.path.expanduser(identity) if identity else None,
-            timeout=min(timeout, CONNECT_DEADLINE),
             banner_timeout=timeout,
             auth_timeout=timeout,
             channel_timeout=timeout,
@@ -214,21 +243,29 @@ class _Fields:
     def string(self) -> bytes:
         return self.take(self.int())
 
-    def attrs(self) -> paramiko.SFTPAttributes:
+    def attrs(self) -> _Attrs:
         flags = self.int()
-        attrs = paramiko.SFTPAttributes()
-        if flags & paramiko.SFTPAttributes.FLAG_SIZE:
+        attrs = _Attrs()
+        if flags & ATTR_SIZE:
             attrs.st_size = self.int64()
-        if flags & paramiko.SFTPAttributes.FLAG_UIDGID:
-            attrs.st_uid, attrs.st_gid = self.int(), self.int()
-        if flags & paramiko.SFTPAttributes.FLAG_PERMISSIONS:
+        if flags & ATTR_UIDGID:
+            self.int(), self.int()
+        if flags & ATTR_PERMISSIONS:
             attrs.st_mode = self.int()
-        if flags & paramiko.SFTPAttributes.FLAG_AMTIME:
-            attrs.st_atime, attrs.st_mtime = self.int(), self.int()
-        if flags & paramiko.SFTPAttributes.FLAG_EXTENDED:
+        if flags & ATTR_ACMODTIME:
+            self.int(), self.int()
+        if flags & ATTR_EXTENDED:
             for _ in range(self.int()):
                 self.string(), self.string()
         return attrs
+
+
+@dataclass
+class _Attrs:
+    """What is used here of a file's SFTP attributes (the rest is read past)."""
+
+    st_size: int | None = None
+    st_mode: int | None = None
 
 
 class _EndOfFile(Exception):
@@ -297,7 +334,7 @@ class _Pipe:
 
     @classmethod
     def open(cls, transport: paramiko.Transport, timeout: float) -> _Pipe:
-        chan = transport.open_session(window_size=WINDOW, max_packet_size=DEFAULT_MAX_PACKET_SIZE)
+        chan = transport.open_session(window_size=WINDOW, max_packet_size=MAX_PACKET)
         try:
             chan.invoke_subsystem("sftp")
             return cls.start(chan, timeout)
