@@ -737,3 +737,28 @@ def test_an_sftp_connection_neither_holds_small_writes_nor_delays_its_acks(
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
     finally:
         backend.close()
+
+
+def test_a_plugins_first_open_prefetches_the_wal_recovery_begins_with(
+    remotes: dict[str, tuple[str, Path]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Over S3, with no startup profile yet: the first open fetches the chunks of the WAL named by
+    backup_label in the background, into the on-disk cache, before anything reads them."""
+    from kloset_blocks.serving.startup import wal_start
+
+    location, config = remotes["s3-golden-plain"]
+    _with_config(monkeypatch, config)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    server = server_for(location, "pgdata=true")
+    try:
+        assert server.disk is not None and server._startup_positions == []
+        export = server.open("")
+        wal = wal_start(export.image)
+        assert wal
+        server.cache.wait_idle()
+        server.disk.flush()
+        assert server.cache.stats.prefetched >= len(wal)
+        assert all(os.path.exists(server.disk.path(mac)) for mac in wal)
+    finally:
+        server.cleanup()
+        server.store.close()

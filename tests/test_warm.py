@@ -123,3 +123,56 @@ def test_states_and_spans_come_from_the_disk_cache(
     reads.clear()
     again, state_reads = open_twice()
     assert again == ids and len(state_reads) == len(entries)
+
+
+# backup_label as PostgreSQL writes it (do_pg_backup_stop), and what a compromised server could put
+# there instead: (text, (segment, LSN low bits) or None).
+LABEL = (
+    b"START WAL LOCATION: 1/1B000028 (file 00000001000000010000001B)\n"
+    b"CHECKPOINT LOCATION: 1/1B000060\nBACKUP METHOD: streamed\n"
+)
+SEGMENT_2 = b"000000010000000000000002"
+RECOVERY_STARTS = [
+    (LABEL, (b"00000001000000010000001B", 0x1B000028)),
+    (LABEL.replace(b"\n", b"\r\n"), (b"00000001000000010000001B", 0x1B000028)),
+    (b"X: y\nSTART WAL LOCATION: 0/2000028 (file 000000010000000000000002)\n", (SEGMENT_2, 0x2000028)),
+    (b"", None),
+    (b"CHECKPOINT LOCATION: 1/1B000060\n", None),
+    (b"START WAL LOCATION: 1/1B000028 (file ../../etc/passwd)\n", None),  # not a segment name
+    (b"START WAL LOCATION: 1/1B000028 (file 00000001000000010000001)\n", None),  # 23 digits
+    (b"START WAL LOCATION: 1/1B000028 (file 00000001000000010000001BX)\n", None),
+    (b"START WAL LOCATION: 1/123456789 (file 00000001000000010000001B)\n", None),  # over 32 bits
+    (b"xSTART WAL LOCATION: 1/1B000028 (file 00000001000000010000001B)\n", None),  # not a line's start
+]
+
+
+@pytest.mark.parametrize(("label", "want"), RECOVERY_STARTS)
+def test_recovery_start_is_read_from_backup_label_strictly(
+    label: bytes, want: tuple[bytes, int] | None
+) -> None:
+    from kloset_blocks.serving.startup import recovery_start
+
+    assert recovery_start(label) == want
+
+
+def test_wal_start_names_the_chunk_holding_the_lsn_backup_label_gives(fixtures_dir: Path) -> None:
+    """On Kloset's fixture (a pg_basebackup): the chunks wal_start names are those of the segment
+    backup_label names, from the chunk holding the LSN's offset (found here by the chunk list)."""
+    import bisect
+
+    from kloset_blocks.serving.startup import WAL_HEAD, wal_start
+    from tests.conftest import server_for
+
+    server = server_for(f"fs:{fixtures_dir / 'golden-plain'}", "pgdata=true")
+    try:
+        export = server.open("")
+        snapshot = server.store.open_snapshot(server.default_export)
+        label = snapshot.open_file(b"/backup_label")
+        words = label.read(0, label.size).split(b"\n")[0].split()  # START WAL LOCATION: H/L (file F)
+        segment = snapshot.open_file(b"/pg_wal/" + words[-1].rstrip(b")"))
+        offset = int(words[3].split(b"/")[1], 16) % segment.size
+        first = bisect.bisect_right(segment.offsets, offset) - 1
+        last = bisect.bisect_right(segment.offsets, min(offset + WAL_HEAD, segment.size) - 1) - 1
+        assert wal_start(export.image) == segment.macs[first : last + 1]
+    finally:
+        server.cleanup()

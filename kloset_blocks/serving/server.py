@@ -236,6 +236,7 @@ class Server:
         self.startup: StartupProfile | None = None  # what a start read (remote stores)
         self._startup_macs: list[bytes] = []
         self._startup_positions: list[tuple[bytes, int]] = []
+        self._startup_prefetched = False
         self._stats_lock = threading.Lock()
         self.exports: dict[str, Export] = {}
         self.default_export = ""
@@ -312,18 +313,23 @@ class Server:
                 macs, self._startup_macs = self._startup_macs, []
             self.cache.prefetch(macs)
         export = self._export(export_name or self.default_export)
-        if self._startup_positions:  # the same places in this snapshot (its files may have changed)
+        if self.startup is not None and not self._startup_prefetched:  # the first open, once
             with self._build_lock:
+                first, self._startup_prefetched = not self._startup_prefetched, True
                 positions, self._startup_positions = self._startup_positions, []
-            threading.Thread(target=self._prefetch_positions, args=(export, positions), daemon=True).start()
+            if first:
+                threading.Thread(target=self._prefetch_startup, args=(export, positions), daemon=True).start()
         return export
 
-    def _prefetch_positions(self, export: Export, positions: list[tuple[bytes, int]]) -> None:
-        from kloset_blocks.serving.startup import at_positions
+    def _prefetch_startup(self, export: Export, positions: list[tuple[bytes, int]]) -> None:
+        """The chunks at the places the last start read, in this snapshot (its files may have
+        changed), and the WAL this snapshot's recovery begins with (another file at every backup)."""
+        from kloset_blocks.serving.startup import at_positions, wal_start
 
         assert self.cache is not None
         with contextlib.suppress(KlosetError):  # a hint: what fails is read (and said) later
-            self.cache.prefetch(at_positions(export.image, positions))
+            macs = wal_start(export.image) + at_positions(export.image, positions)
+            self.cache.prefetch(list(dict.fromkeys(macs)))
 
     def _export(self, name: str) -> Export:
         """The export of the snapshot `name` identifies: its full id, or any unique prefix (the 8-hex

@@ -23,7 +23,9 @@
 # chunks the spans missed cost more CPU than the round trips it saved (bench/RESULTS.md). The
 # command that starts nbdkit (app/check.prepare) warms up first, on the connection it has open
 # (warm_snapshot: the same files, so the same spans, kept in the on-disk cache): the plugin then
-# gets ready without a request, and connects in the background (Server.get_ready, after_fork).
+# gets ready without a request, and connects in the background once ready (Server.after_fork).
+# The WAL recovery begins with is named by backup_label, a new file in every backup: the first
+# open prefetches its chunks too (wal_start), with the last start's positions.
 #
 # Invariants:
 # - A hint only: a MAC that is not (or no longer) in the store is skipped; every chunk is fetched
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -58,6 +61,14 @@ PREFETCH_THREAD = "kloset-prefetch"  # ChunkCache's worker threads (serving/chun
 # Bytes fetched to warm up a snapshot's image: objects and what lies between them.
 WARM_MAX = 16 << 20
 WARM_LEAD = 64 << 10
+# The WAL a start reads first (wal_start), from backup_label (PostgreSQL's format since 8.0:
+# "START WAL LOCATION: 1/1B000028 (file 00000001000000010000001B)").
+BACKUP_LABEL = b"backup_label"
+LABEL_MAX = 64 << 10
+WAL_HEAD = 256 << 10
+_START_WAL = re.compile(
+    rb"^START WAL LOCATION: [0-9A-F]{1,8}/([0-9A-F]{1,8}) \(file ([0-9A-F]{24})\)\r?$", re.M
+)
 
 
 class StartupProfile:
@@ -144,6 +155,35 @@ def at_positions(image: BlockImage, positions: list[tuple[bytes, int]]) -> list[
         if 0 <= index < len(macs):
             out.append(macs[index])
     return out
+
+
+def wal_start(image: BlockImage) -> list[bytes]:
+    """The MACs of the chunks of the WAL where a base backup's recovery begins: from the LSN its
+    backup_label names, WAL_HEAD bytes on. Every start of the backup reads them first, and they are
+    another file in every backup (the last start's positions miss them). None when the image holds
+    no backup_label, or none naming a WAL file it holds (looked up among the image's own files)."""
+    files = {f.path: f for f in _files(image).values()}
+    labels = sorted((p for p in files if p.endswith(b"/" + BACKUP_LABEL)), key=len)
+    if not labels or files[labels[0]].size > LABEL_MAX:
+        return []
+    label = files[labels[0]]
+    try:
+        found = recovery_start(label.read(0, label.size))
+        segment = files.get(labels[0][: -len(BACKUP_LABEL)] + b"pg_wal/" + found[0]) if found else None
+        if found is None or segment is None or segment.size == 0:
+            return []
+        start = found[1] % segment.size  # the LSN's offset in its segment
+        head = segment.chunk_ranges(start, min(WAL_HEAD, segment.size - start))
+        return [segment.macs[i] for i, _, _ in head]
+    except KlosetError:
+        return []
+
+
+def recovery_start(label: bytes) -> tuple[bytes, int] | None:
+    """(WAL segment file name, low 32 bits of the LSN) of backup_label's START WAL LOCATION line,
+    or None: the backup's own text, so the name must be exactly 24 hex digits."""
+    found = _START_WAL.search(label)
+    return (found.group(2), int(found.group(1), 16)) if found else None
 
 
 def _files(image: BlockImage) -> dict[bytes, SnapshotFile]:

@@ -598,8 +598,8 @@ class SftpBackend:
         are opened as soon as the channel is (now, if it is). The first call waits for the
         connection, and a process that needs no request (the plugin on a warm start, all its
         reads in the on-disk cache) never waits at all. Never before a C fork() (a thread alive then
-        could hold a lock the child waits for forever): nbdkit's plugin calls it after the fork,
-        or at get_ready in an nbdkit that never forks."""
+        could hold a lock the child waits for forever): nbdkit's plugin calls it after the fork
+        (nbdkit -f calls after_fork too, where it would fork)."""
         paths = [self._path(key) for key in soon]
         connecting = self._connecting
         if connecting is not None and self._pid == os.getpid():  # _lock is held until it is done
