@@ -83,7 +83,10 @@ def get_ready():
 
 
 def after_fork():
-    server.after_fork()
+    try:
+        server.after_fork()  # in an nbdkit that never forks, builds the image (Server.get_ready)
+    except KlosetError as e:
+        _fail_startup(e)
 
 
 def cleanup():

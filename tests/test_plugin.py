@@ -305,3 +305,28 @@ def test_dump_plugin_lists_every_parameter() -> None:
     assert lines["kloset_config_keys"].split(",") == list(CONFIG_KEYS)
     assert lines["thread_model"] == "parallel"
     assert {"store", "snapshot", "passphrase", "cache"} <= set(CONFIG_KEYS)
+
+
+@pytest.mark.parametrize(
+    ("cmdline", "foreground"),
+    [
+        (b"nbdkit\0-f\0-r\0-U\0/run/x.sock\0python\0kloset.py\0store=s3://h/b\0", True),
+        (b"/usr/sbin/nbdkit\0--foreground\0python\0kloset.py\0", True),
+        (b"nbdkit\0-s\0--exit-with-parent\0python\0kloset.py\0", True),
+        (b"nbdkit\0-r\0-U\0/run/x.sock\0python\0kloset.py\0", False),  # forks after get_ready
+        (b"nbdkit\0-U\0-fx\0python\0kloset.py\0", False),  # a socket named -fx, no -f
+        (b"nbdkit\0-f\0-U\0-\0--run\0qemu-img info $nbd\0python\0kloset.py\0", False),  # captive: forks
+        (b"nbdkit\0-f\0--run=true\0python\0kloset.py\0", False),
+        (b"python3\0-m\0pytest\0-f\0", False),  # not nbdkit
+        (b"", False),
+    ],
+)
+def test_the_image_is_built_in_after_fork_only_in_an_nbdkit_that_never_forks(
+    cmdline: bytes, foreground: bool, tmp_path: Path
+) -> None:
+    from kloset_blocks.serving.server import nbdkit_in_foreground
+
+    path = tmp_path / "cmdline"
+    path.write_bytes(cmdline)
+    assert nbdkit_in_foreground(str(path)) is foreground
+    assert nbdkit_in_foreground(str(tmp_path / "absent")) is False

@@ -352,6 +352,9 @@ def test_plugin_start_over_s3_warm_reads_only_config_and_the_state_list(
     def start(store: str) -> tuple[Server, bytes]:
         server = server_for(store, "pgdata=true")
         export = server.open("")
+        if server.startup_prefetch is not None:  # the first open's (the WAL recovery begins with)
+            server.startup_prefetch.join()
+        server.cache.wait_idle()
         files = [r.source for r in export.image.regions if getattr(r.source, "entry", None)]
         before = len(calls)
         assert all(isinstance(f.macs, list) for f in files)  # every chunk list
@@ -754,7 +757,8 @@ def test_a_plugins_first_open_prefetches_the_wal_recovery_begins_with(
         assert server.disk is not None and server._startup_positions == []
         export = server.open("")
         wal = wal_start(export.image)
-        assert wal
+        assert wal and server.startup_prefetch is not None
+        server.startup_prefetch.join()
         server.cache.wait_idle()
         server.disk.flush()
         assert server.cache.stats.prefetched >= len(wal)
@@ -762,3 +766,37 @@ def test_a_plugins_first_open_prefetches_the_wal_recovery_begins_with(
     finally:
         server.cleanup()
         server.store.close()
+
+
+def test_the_command_fetches_what_recovery_reads_first_into_the_on_disk_cache(
+    remotes: dict[str, tuple[str, Path]], fixtures_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Over S3: what the command fetches on its own connection for the plugin (the WAL the backup's
+    recovery begins with, the chunks at the places the last start read) is the same WAL head the
+    plugin's image names, plus the profile's chunk; fetched, the on-disk cache holds the fs store's
+    bytes for each, and nothing is left to fetch."""
+    from kloset_blocks.serving.startup import POSITIONS, fetch_into, recovery_chunks, wal_start
+
+    location, config = remotes["s3-golden-plain"]
+    _with_config(monkeypatch, config)
+    oracle = server_for(f"fs:{fixtures_dir / 'golden-plain'}", "pgdata=true")
+    image = oracle.open("").image
+    wal = wal_start(image)
+    assert wal
+    st = open_store(location, cache_dir=str(tmp_path / "cache"))
+    try:
+        assert st.disk is not None
+        snapshot = st.open_snapshot(oracle.default_export)
+        root = find_pgdata(snapshot)
+        control = snapshot.open_file(root.rstrip(b"/") + b"/global/pg_control")
+        (st.disk.dir / POSITIONS).write_text(f"0 {control.path.hex()}\n99999 {control.path.hex()}\n")
+        wanted = recovery_chunks(snapshot, os.fsdecode(root), st.disk)
+        assert wanted == [*wal, control.macs[0]]  # the out-of-range position skipped
+        fetch_into(st, wanted, st.disk)
+        for mac in wanted:
+            assert st.disk.load(mac) == oracle.store.read_chunk(mac)
+        assert recovery_chunks(snapshot, os.fsdecode(root), st.disk) == []
+        assert st.packfiles.preads > 0  # they came from the bucket
+    finally:
+        st.close()
+        oracle.cleanup()

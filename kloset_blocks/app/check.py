@@ -202,6 +202,7 @@ def _serve(
 ) -> Served:
     """prepare() on the opened store; the store is closed at the end (by the confirmation's last
     holder, when there is one)."""
+    recovery: list[bytes] = []
     try:
         snapshot = st.open_snapshot(snap)
         info = snapshot.info
@@ -213,8 +214,19 @@ def _serve(
         checked = check_snapshot(snapshot, path=path, pgdata=pgdata, found=warm)
         key = st.codec.key
         view = st.view() if st.remote else None  # the plugin then asks the store for nothing
+        if warm is not None and pgdata and st.disk is not None:
+            from kloset_blocks.serving.startup import recovery_chunks
+
+            recovery = recovery_chunks(snapshot, checked.root, st.disk)
     finally:
-        if confirmation is None:
+        if recovery:  # fetched on this connection while the chain starts (the plugin's is not yet)
+            if confirmation is not None:
+                confirmation.hold()
+            release = st.close if confirmation is None else confirmation.release
+            threading.Thread(
+                target=_fetch_then, args=(st, recovery, release), name="kloset-recovery", daemon=True
+            ).start()
+        elif confirmation is None:
             st.close()
         else:
             confirmation.release()
@@ -239,6 +251,16 @@ def _serve(
         )
         backing = NbdkitBacking(argv, env)
     return Served(backing, info.hex_id, info.size, checked.root, checked.pg_major, confirmation)
+
+
+def _fetch_then(st: Store, macs: list[bytes], release: Callable[[], None]) -> None:
+    from kloset_blocks.serving.startup import fetch_into
+
+    try:
+        assert st.disk is not None
+        fetch_into(st, macs, st.disk)
+    finally:
+        release()
 
 
 class Confirmation:
@@ -267,6 +289,11 @@ class Confirmation:
             self._outcome.set_exception(e)
         finally:
             self.release()
+
+    def hold(self) -> None:
+        """One more holder (a thread reading the store), before prepare() lets go of it."""
+        with self._lock:
+            self._holders += 1
 
     def release(self) -> None:
         """One holder is done with the store; the last one closes it."""

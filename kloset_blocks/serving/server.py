@@ -5,9 +5,11 @@
 #   config(key, value)*  -> config_complete() -> get_ready()   [one process, no threads yet]
 #   fork -> after_fork() -> open(export) / pread / extents / cache ... [PARALLEL threads]
 # get_ready opens the store and builds the default export's image (metadata only), so a wrong
-# store, snapshot or passphrase stops nbdkit before it listens. Other snapshots are served as
-# further exports, named by the full snapshot id (any unique prefix, such as the 8-hex short id, is
-# an alias of the same export), their images built on first open and then kept. With
+# store, snapshot or passphrase stops nbdkit before it listens (a remote store's image, in an
+# nbdkit that never forks: in after_fork, while the connection is made, still before it accepts).
+# Other snapshots are served as further exports, named by the full snapshot id (any unique
+# prefix, such as the 8-hex short id, is an alias of the same export), their images built on
+# first open and then kept. With
 # lazy=true (`kloset-blocks query`) the default export too is built on first open, so one broken
 # snapshot fails only its own exports. cache-dir= puts a DiskCache (diskcache.py) under the
 # ChunkCache: a second tier that persists decoded chunks across runs; a remote store gets one by
@@ -227,6 +229,24 @@ class Export:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
+_FOREGROUND = (b"-f", b"--foreground", b"-s", b"--single")
+
+
+def nbdkit_in_foreground(cmdline: str = "/proc/self/cmdline") -> bool:
+    """Whether this process is an nbdkit told -f (--foreground) or -s (--single, which implies it),
+    and not --run: its after_fork comes right after get_ready, in the same process, before it
+    accepts a connection. A forking nbdkit (a daemon; captive under --run, which forks the server
+    off even with -f) or a test's Server: no."""
+    try:
+        with open(cmdline, "rb") as f:
+            argv = f.read().split(b"\0")
+    except OSError:
+        return False
+    if os.path.basename(argv[0]) != b"nbdkit" or any(a == b"--run" or a.startswith(b"--run=") for a in argv):
+        return False
+    return any(a in _FOREGROUND for a in argv[1:])
+
+
 class Server:
     def __init__(self) -> None:
         self.config = PluginConfig()
@@ -237,6 +257,8 @@ class Server:
         self._startup_macs: list[bytes] = []
         self._startup_positions: list[tuple[bytes, int]] = []
         self._startup_prefetched = False
+        self.startup_prefetch: threading.Thread | None = None  # the first open's (it queues, then ends)
+        self._build_after_fork = ""  # the default export, built in after_fork (see get_ready)
         self._stats_lock = threading.Lock()
         self.exports: dict[str, Export] = {}
         self.default_export = ""
@@ -286,7 +308,16 @@ class Server:
         self.cache = ChunkCache(fetch, max_bytes=self.config.cache, prefetch_workers=workers)
         info = self.store.find_snapshot(self.config.snapshot)
         self.default_export = info.hex_id
-        if not self.config.lazy:
+        if self.config.lazy:
+            pass
+        elif self.store.remote and nbdkit_in_foreground():
+            # No thread may start before after_fork (nbdkit reopens stdin and stdout on fds 0 and
+            # 1 between the two: a thread's new socket there made it exit, "open: Resource
+            # temporarily unavailable"); in an nbdkit that does not fork, after_fork comes before
+            # the first connection is accepted: the image is built there, while the connection
+            # is made (its errors stop nbdkit there, as here).
+            self._build_after_fork = info.hex_id
+        else:
             self._export(info.hex_id)
         # nbdkit may fork now, with C's fork(): no thread of ours may be alive (its child would
         # wait for it forever at exit); the pools are made anew on first use.
@@ -298,9 +329,12 @@ class Server:
         """nbdkit has forked (or, with -f, would have): threads may start now. A remote store's
         connection is made in the background, so that a start whose reads are all in the on-disk
         cache never waits for it; the packfiles the warm-up read from are opened with it (SFTP:
-        a first read from each then costs one round trip, not two)."""
+        a first read from each then costs one round trip, not two). Then the image get_ready left
+        (nbdkit -f), built while the connection is made."""
         if self.store is not None and self.store.remote:
             self.store.backend.connect_in_background(self.store.packfiles.warmed(WARMED_OPENED))
+        if self._build_after_fork:
+            self._export(self._build_after_fork)
 
     # ---- exports -------------------------------------------------------------------------------
 
@@ -318,7 +352,10 @@ class Server:
                 first, self._startup_prefetched = not self._startup_prefetched, True
                 positions, self._startup_positions = self._startup_positions, []
             if first:
-                threading.Thread(target=self._prefetch_startup, args=(export, positions), daemon=True).start()
+                self.startup_prefetch = threading.Thread(
+                    target=self._prefetch_startup, args=(export, positions), daemon=True
+                )
+                self.startup_prefetch.start()
         return export
 
     def _prefetch_startup(self, export: Export, positions: list[tuple[bytes, int]]) -> None:

@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 
 from kloset_blocks.errors import KlosetError
 from kloset_blocks.ext4.layout import FILE
-from kloset_blocks.store.codec import RT_OBJECT
+from kloset_blocks.store.codec import RT_CHUNK, RT_OBJECT
 from kloset_blocks.store.snapshot import Snapshot, SnapshotFile
 
 if TYPE_CHECKING:
@@ -164,12 +164,17 @@ def wal_start(image: BlockImage) -> list[bytes]:
     no backup_label, or none naming a WAL file it holds (looked up among the image's own files)."""
     files = {f.path: f for f in _files(image).values()}
     labels = sorted((p for p in files if p.endswith(b"/" + BACKUP_LABEL)), key=len)
-    if not labels or files[labels[0]].size > LABEL_MAX:
-        return []
-    label = files[labels[0]]
+    return _wal_head(files.get, labels[0]) if labels else []
+
+
+def _wal_head(open_file: Callable[[bytes], SnapshotFile | None], label_path: bytes) -> list[bytes]:
+    """wal_start's chunks, the files found by `open_file` (None: not there)."""
     try:
+        label = open_file(label_path)
+        if label is None or label.size > LABEL_MAX:
+            return []
         found = recovery_start(label.read(0, label.size))
-        segment = files.get(labels[0][: -len(BACKUP_LABEL)] + b"pg_wal/" + found[0]) if found else None
+        segment = open_file(label_path[: -len(BACKUP_LABEL)] + b"pg_wal/" + found[0]) if found else None
         if found is None or segment is None or segment.size == 0:
             return []
         start = found[1] % segment.size  # the LSN's offset in its segment
@@ -177,6 +182,38 @@ def wal_start(image: BlockImage) -> list[bytes]:
         return [segment.macs[i] for i, _, _ in head]
     except KlosetError:
         return []
+
+
+def recovery_chunks(snapshot: Snapshot, root: str, disk: DiskCache) -> list[bytes]:
+    """What a start of the data directory at `root` reads first and the on-disk cache lacks: the
+    WAL its recovery begins with, and the chunks at the places the last start read (the startup
+    profile's positions, in this snapshot), for the command to fetch on its own connection while
+    the plugin is still making one. Each file is read through the warm-up (its object at hand)."""
+
+    def open_file(path: bytes) -> SnapshotFile | None:
+        try:
+            return snapshot.open_file(path)
+        except KlosetError:
+            return None
+
+    base = os.fsencode(root).rstrip(b"/") + b"/"
+    macs = _wal_head(open_file, base + BACKUP_LABEL)
+    for path, index in StartupProfile(disk.dir).load_positions():
+        f = open_file(path)
+        with contextlib.suppress(KlosetError):
+            if f is not None and 0 <= index < len(f.macs):
+                macs.append(f.macs[index])
+    return [m for m in dict.fromkeys(macs) if not os.path.exists(disk.path(m))]
+
+
+def fetch_into(store: Store, macs: list[bytes], disk: DiskCache, batch: int = 32) -> None:
+    """Fetch the chunks `macs` (coalesced, in flight together, `batch` at a time: memory bounded)
+    into the on-disk cache, each MAC-checked as on any read; what fails is left to the reader."""
+    for i in range(0, len(macs), batch):
+        part = macs[i : i + batch]
+        with contextlib.suppress(KlosetError, OSError):
+            for mac, data in zip(part, store.packfiles.read_many(RT_CHUNK, part), strict=True):
+                disk.save(mac, data)
 
 
 def recovery_start(label: bytes) -> tuple[bytes, int] | None:
