@@ -104,10 +104,17 @@ def test_a_start_from_the_last_view_waits_for_nothing_and_its_check_catches_a_ch
         served = prepare(location, "latest", pgdata=True, from_last_view=from_last_view)
         return served.snapshot_id, served
 
+    def fetched_for_recovery() -> None:
+        """The command's fetch of what recovery reads first (app/check._fetch_then) is over."""
+        for thread in threading.enumerate():
+            if thread.name == "kloset-recovery":
+                thread.join(30)
+
     listed.set()
     first, served = start()  # no view yet: from the store, which it saves
     assert first == A
     served.confirmed()  # type: ignore[attr-defined]
+    fetched_for_recovery()
 
     listed.clear()
     asked.clear()
@@ -117,6 +124,7 @@ def test_a_start_from_the_last_view_waits_for_nothing_and_its_check_catches_a_ch
     assert asked.wait(10) and "list states/" not in calls  # the listing is under way, not waited for
     listed.set()
     served.confirmed()  # type: ignore[attr-defined]
+    fetched_for_recovery()  # it has nothing to fetch: counted too
     assert sorted(calls) == ["list states/", "read CONFIG"]  # the check, and nothing else (all cached)
 
     kept = view_path(str(tmp_path / "cache" / "kloset-blocks"), parse_location(location).display)

@@ -23,6 +23,7 @@
 # from the store" line (the REPORT step registered here).
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -202,7 +203,7 @@ def _serve(
 ) -> Served:
     """prepare() on the opened store; the store is closed at the end (by the confirmation's last
     holder, when there is one)."""
-    recovery: list[bytes] = []
+    recovery = False
     try:
         snapshot = st.open_snapshot(snap)
         info = snapshot.info
@@ -214,17 +215,19 @@ def _serve(
         checked = check_snapshot(snapshot, path=path, pgdata=pgdata, found=warm)
         key = st.codec.key
         view = st.view() if st.remote else None  # the plugin then asks the store for nothing
-        if warm is not None and pgdata and st.disk is not None:
-            from kloset_blocks.serving.startup import recovery_chunks
-
-            recovery = recovery_chunks(snapshot, checked.root, st.disk)
+        # What recovery reads first, fetched on this connection while the chain starts (the
+        # plugin's is not made yet), in a thread holding the store: found and fetched there.
+        recovery = warm is not None and pgdata and st.disk is not None
     finally:
-        if recovery:  # fetched on this connection while the chain starts (the plugin's is not yet)
+        if recovery:
             if confirmation is not None:
                 confirmation.hold()
             release = st.close if confirmation is None else confirmation.release
             threading.Thread(
-                target=_fetch_then, args=(st, recovery, release), name="kloset-recovery", daemon=True
+                target=_fetch_then,
+                args=(st, snapshot, checked.root, release),
+                name="kloset-recovery",
+                daemon=True,
             ).start()
         elif confirmation is None:
             st.close()
@@ -253,12 +256,14 @@ def _serve(
     return Served(backing, info.hex_id, info.size, checked.root, checked.pg_major, confirmation)
 
 
-def _fetch_then(st: Store, macs: list[bytes], release: Callable[[], None]) -> None:
-    from kloset_blocks.serving.startup import fetch_into
+def _fetch_then(st: Store, snapshot: Snapshot, root: str, release: Callable[[], None]) -> None:
+    """The chunks a start of the data directory at `root` reads first, into the on-disk cache."""
+    from kloset_blocks.serving.startup import fetch_into, recovery_chunks
 
     try:
         assert st.disk is not None
-        fetch_into(st, macs, st.disk)
+        with contextlib.suppress(KlosetError):  # a hint: the plugin reads what is not there
+            fetch_into(st, recovery_chunks(snapshot, root, st.disk), st.disk)
     finally:
         release()
 

@@ -256,7 +256,6 @@ class Server:
         self.startup: StartupProfile | None = None  # what a start read (remote stores)
         self._startup_macs: list[bytes] = []
         self._startup_positions: list[tuple[bytes, int]] = []
-        self._startup_prefetched = False
         self.startup_prefetch: threading.Thread | None = None  # the first open's (it queues, then ends)
         self._build_after_fork = ""  # the default export, built in after_fork (see get_ready)
         self._stats_lock = threading.Lock()
@@ -308,16 +307,14 @@ class Server:
         self.cache = ChunkCache(fetch, max_bytes=self.config.cache, prefetch_workers=workers)
         info = self.store.find_snapshot(self.config.snapshot)
         self.default_export = info.hex_id
-        if self.config.lazy:
-            pass
-        elif self.store.remote and nbdkit_in_foreground():
-            # No thread may start before after_fork (nbdkit reopens stdin and stdout on fds 0 and
-            # 1 between the two: a thread's new socket there made it exit, "open: Resource
-            # temporarily unavailable"); in an nbdkit that does not fork, after_fork comes before
-            # the first connection is accepted: the image is built there, while the connection
-            # is made (its errors stop nbdkit there, as here).
+        # No thread may start before after_fork (nbdkit reopens stdin and stdout on fds 0 and 1
+        # between the two: a thread's new socket there made it exit, "open: Resource temporarily
+        # unavailable"); in an nbdkit that does not fork, after_fork comes before the first
+        # connection is accepted: a remote store's image is built there, while the connection is
+        # made (its errors stop nbdkit there, as here).
+        if not self.config.lazy and self.store.remote and nbdkit_in_foreground():
             self._build_after_fork = info.hex_id
-        else:
+        elif not self.config.lazy:
             self._export(info.hex_id)
         # nbdkit may fork now, with C's fork(): no thread of ours may be alive (its child would
         # wait for it forever at exit); the pools are made anew on first use.
@@ -347,15 +344,14 @@ class Server:
                 macs, self._startup_macs = self._startup_macs, []
             self.cache.prefetch(macs)
         export = self._export(export_name or self.default_export)
-        if self.startup is not None and not self._startup_prefetched:  # the first open, once
+        if self.startup is not None and self.startup_prefetch is None:  # the first open, once
             with self._build_lock:
-                first, self._startup_prefetched = not self._startup_prefetched, True
-                positions, self._startup_positions = self._startup_positions, []
-            if first:
-                self.startup_prefetch = threading.Thread(
-                    target=self._prefetch_startup, args=(export, positions), daemon=True
-                )
-                self.startup_prefetch.start()
+                if self.startup_prefetch is None:
+                    positions, self._startup_positions = self._startup_positions, []
+                    self.startup_prefetch = threading.Thread(
+                        target=self._prefetch_startup, args=(export, positions), daemon=True
+                    )
+                    self.startup_prefetch.start()
         return export
 
     def _prefetch_startup(self, export: Export, positions: list[tuple[bytes, int]]) -> None:

@@ -34,6 +34,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
 import threading
@@ -142,10 +143,14 @@ class StartupProfile:
 def at_positions(image: BlockImage, positions: list[tuple[bytes, int]]) -> list[bytes]:
     """The MACs of the chunks at `positions` (path, index) of this image's snapshot: what a start
     read, placed in another snapshot. Files missing, shorter or unreadable are skipped."""
-    files = {f.path: f for f in _files(image).values()}
+    return _at({f.path: f for f in _files(image).values()}.get, positions)
+
+
+def _at(open_file: Callable[[bytes], SnapshotFile | None], positions: list[tuple[bytes, int]]) -> list[bytes]:
+    """at_positions' chunks, the files found by `open_file` (None: not there)."""
     out = []
     for path, index in positions:
-        f = files.get(path)
+        f = open_file(path)
         if f is None:
             continue
         try:
@@ -190,6 +195,7 @@ def recovery_chunks(snapshot: Snapshot, root: str, disk: DiskCache) -> list[byte
     profile's positions, in this snapshot), for the command to fetch on its own connection while
     the plugin is still making one. Each file is read through the warm-up (its object at hand)."""
 
+    @functools.cache  # once a path: many positions lie in one file
     def open_file(path: bytes) -> SnapshotFile | None:
         try:
             return snapshot.open_file(path)
@@ -197,12 +203,8 @@ def recovery_chunks(snapshot: Snapshot, root: str, disk: DiskCache) -> list[byte
             return None
 
     base = os.fsencode(root).rstrip(b"/") + b"/"
-    macs = _wal_head(open_file, base + BACKUP_LABEL)
-    for path, index in StartupProfile(disk.dir).load_positions():
-        f = open_file(path)
-        with contextlib.suppress(KlosetError):
-            if f is not None and 0 <= index < len(f.macs):
-                macs.append(f.macs[index])
+    positions = StartupProfile(disk.dir).load_positions()
+    macs = _wal_head(open_file, base + BACKUP_LABEL) + _at(open_file, positions)
     return [m for m in dict.fromkeys(macs) if not os.path.exists(disk.path(m))]
 
 
